@@ -1,0 +1,21 @@
+"""Command-line entry point. Each command lives in its own module and only parses, validates and
+calls one function of the library; heavy imports (torch) happen inside the commands."""
+
+from __future__ import annotations
+
+import sys
+
+from wdmctl.cli.app import app
+# command modules register themselves on import; keep this list sorted
+from wdmctl.cli import model as _model  # noqa: F401,E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a WdmError becomes one line on stderr and a non-zero exit."""
+    from wdmctl.errors import WdmError
+
+    try:
+        app(args=argv, standalone_mode=True)
+    except WdmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -1,0 +1,49 @@
+"""Named model presets (DiT-style names: family-size/patch) and the one function that builds a model.
+
+WDM-XL/2 is the paper's model: width 1536, 26 Mamba blocks (6+1+6 twice), patch 2, 4x32x32 SD-VAE
+latents (256 px), 1000 classes. The U-ViT presets have the same width and 15 transformer blocks
+(7+1+7), which matches the parameter count of the 26-block Mamba W-Net: a transformer block (attention
++ 4x MLP, 12 D^2) weighs about two Mamba blocks (in/out projections, ~6.3 D^2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wdmctl.errors import WdmError
+
+_LATENT_256 = dict(sample_size=32, in_channels=4, patch_size=2, num_classes=1000)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "WDM-S/2": dict(arch="wdmamba", width=384, **_LATENT_256),
+    "WDM-B/2": dict(arch="wdmamba", width=768, **_LATENT_256),
+    "WDM-L/2": dict(arch="wdmamba", width=1024, **_LATENT_256),
+    "WDM-XL/2": dict(arch="wdmamba", width=1536, **_LATENT_256),
+    "UMamba-B/2": dict(arch="umamba", width=768, **_LATENT_256),
+    "UMamba-XL/2": dict(arch="umamba", width=1536, **_LATENT_256),
+    "UViT-S/2": dict(arch="uvit", width=384, num_heads=6, depth=7, **_LATENT_256),
+    "UViT-B/2": dict(arch="uvit", width=768, num_heads=12, depth=7, **_LATENT_256),
+    "UViT-L/2": dict(arch="uvit", width=1024, num_heads=16, depth=7, **_LATENT_256),
+    "UViT-XL/2": dict(arch="uvit", width=1536, num_heads=24, depth=7, **_LATENT_256),
+}
+
+# the transformer of the same size as each WD-Mamba preset, for benchmarks and comparisons
+SAME_SIZE_UVIT = {"WDM-S/2": "UViT-S/2", "WDM-B/2": "UViT-B/2", "WDM-L/2": "UViT-L/2", "WDM-XL/2": "UViT-XL/2"}
+
+
+def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of preset `name` with `overrides` applied."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise WdmError(f"unknown model preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+def build_model(name: str, **overrides: Any):
+    """Build preset `name` (constructor arguments overridden by `overrides`)."""
+    from wdmctl.models.wdmamba import WDMamba
+
+    return WDMamba(**preset_config(name, **overrides))

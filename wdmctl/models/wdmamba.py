@@ -1,0 +1,398 @@
+"""WD-Mamba: a W-shaped network of Mamba blocks that predicts diffusion noise.
+
+Reads top to bottom like the paper's Figure 2:
+
+    image/latent (B, C, H, W) --PatchEmbed--> patch tokens
+    [time token, class token, patch tokens] + learned position embedding
+    W-Net:  encoder 1 (6 blocks) -> bottleneck 1 -> decoder 1 (6)      (decoder k fuses encoder 7-k's output)
+            encoder 2 (6 blocks) -> bottleneck 2 -> decoder 2 (6)
+    RMSNorm -> Linear -> unpatchify -> Conv2d 3x3 -> predicted noise (B, C, H, W)
+
+Each Mamba block: pre-norm RMSNorm, adaLN-single modulation (shift/scale/gate from one shared MLP of the
+conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual.
+Scan orders cycle from block to block over row-major forward, row-major backward, column-major forward
+and column-major backward (`scan="cycle"`), or every block scans both directions of one orientation
+(`scan="bidirectional"`). Row-major order is restored after every block, so long skips, the position
+embedding and unpatchify all see tokens in the same order.
+
+The same class builds the paper's comparisons: `arch="umamba"` (one U of 6+1+6 Mamba blocks, the
+ablation) and `arch="uvit"` (U-ViT: transformer blocks with the same long skips).
+Differences from the paper's text and released code are listed in docs/architecture.md.
+
+Activations stay in (batch, tokens, channels) layout; the scan reads transposed views of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.checkpoint import checkpoint
+
+from wdmctl.scan import causal_conv1d, selective_scan
+
+ARCHS = ("wdmamba", "umamba", "uvit")
+SCAN_MODES = ("cycle", "bidirectional")
+CYCLE = ("row", "row_reverse", "column", "column_reverse")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embeddings: patches, timesteps, classes
+# ----------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps on the 0..999 scale, as in DiT/ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoid -> Linear -> SiLU -> Linear: the time token and the adaLN conditioning."""
+
+    def __init__(self, width: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token orders: which permutation of the patch grid a block scans
+# ----------------------------------------------------------------------------------------------------
+
+def column_major_orders(num_extra: int, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices (to_column, to_row): [extras, row-major patches] <-> [extras, column-major patches]."""
+    patches = torch.arange(grid_h * grid_w, device=device).view(grid_h, grid_w).t().reshape(-1) + num_extra
+    to_column = torch.cat([torch.arange(num_extra, device=device), patches])
+    return to_column, torch.argsort(to_column)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Mamba-1 mixer (selective state space, S6)
+# ----------------------------------------------------------------------------------------------------
+
+class SSMBranch(nn.Module):
+    """The per-direction half of a Mamba mixer: causal conv1d + SiLU, x_proj -> (dt, B, C), dt_proj,
+    A_log, D. Parameter names follow mamba-ssm's `Mamba` so checkpoints are easy to read across projects."""
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
+                 dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        # Mamba's initialisation: dt_proj bias so that softplus(bias) is log-uniform in [dt_min, dt_max]
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, scan_options: dict) -> torch.Tensor:
+        """x, z: (B, L, d_inner) -> (B, L, d_inner). Scans towards the end (or the start if `reverse`)."""
+        backend = scan_options.get("backend", "auto")
+        u = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
+                          reverse=reverse, backend=backend)                     # (B, E, L)
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)                              # bias goes in as delta_bias
+        y = selective_scan(
+            u, delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+            self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
+            reverse=reverse, **scan_options,
+        )
+        return y.transpose(1, 2)
+
+
+class MambaMixer(nn.Module):
+    """in_proj -> (x, z); one SSM branch per scan direction; out_proj.
+
+    With two branches (bidirectional), the outputs are averaged: the /2 keeps the residual stream's
+    scale, which is what kept Vim's bidirectional blocks from overflowing in bf16."""
+
+    def __init__(self, width: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
+                 bidirectional: bool = False):
+        super().__init__()
+        d_inner = expand * width
+        dt_rank = math.ceil(width / 16)
+        self.in_proj = nn.Linear(width, 2 * d_inner, bias=False)
+        self.forward_branch = SSMBranch(d_inner, d_state, d_conv, dt_rank)
+        self.backward_branch = SSMBranch(d_inner, d_state, d_conv, dt_rank) if bidirectional else None
+        self.out_proj = nn.Linear(d_inner, width, bias=False)
+        self.scan_options: dict = {}
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        x_in, z = self.in_proj(x).chunk(2, dim=-1)
+        y = self.forward_branch(x_in, z, reverse, self.scan_options)
+        if self.backward_branch is not None:
+            y = 0.5 * (y + self.backward_branch(x_in, z, not reverse, self.scan_options))
+        return self.out_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------
+
+class MambaBlock(nn.Module):
+    """[skip fusion] -> RMSNorm -> adaLN modulate -> Mamba mixer in this block's token order -> gated residual."""
+
+    def __init__(self, width: int, order: str, has_skip: bool, d_state: int, d_conv: int, expand: int,
+                 bidirectional: bool):
+        super().__init__()
+        self.order = order
+        self.skip_linear = nn.Linear(2 * width, width) if has_skip else None
+        self.norm = nn.RMSNorm(width, eps=1e-6)
+        self.mixer = MambaMixer(width, d_state, d_conv, expand, bidirectional)
+        self.scale_shift_table = nn.Parameter(torch.randn(3, width) / width ** 0.5)
+
+    def forward(self, x, modulation, skip=None, orders=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift, scale, gate = (modulation + self.scale_shift_table[None]).unbind(1)
+        h = modulate(self.norm(x), shift, scale)
+        column = self.order.startswith("column")
+        if column:
+            to_column, to_row = orders
+            h = h[:, to_column]
+        h = self.mixer(h, reverse=self.order.endswith("reverse"))
+        if column:
+            h = h[:, to_row]  # back to row-major, so skips and the head never see a permuted order
+        return x + gate[:, None] * h
+
+
+class TransformerBlock(nn.Module):
+    """U-ViT's block: [skip fusion] -> LN -> self-attention (SDPA) -> LN -> MLP, pre-norm residuals."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, has_skip: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.skip_linear = nn.Linear(2 * width, width) if has_skip else None
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, modulation=None, skip=None, orders=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(attn)
+        return x + self.mlp(self.norm2(x))
+
+
+class UStage(nn.Module):
+    """One U: encoder blocks -> bottleneck -> decoder blocks; decoder block k fuses encoder block
+    (depth-1-k)'s output (U-ViT's long skips: concat + Linear(2D -> D))."""
+
+    def __init__(self, make_block, depth: int, first_index: int):
+        super().__init__()
+        self.encoder = nn.ModuleList([make_block(first_index + i, False) for i in range(depth)])
+        self.bottleneck = make_block(first_index + depth, False)
+        self.decoder = nn.ModuleList([make_block(first_index + depth + 1 + i, True) for i in range(depth)])
+        self.gradient_checkpointing = False
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x, modulation, orders):
+        skips = []
+        for block in self.encoder:
+            x = self._run(block, x, modulation, None, orders)
+            skips.append(x)
+        x = self._run(self.bottleneck, x, modulation, None, orders)
+        for block in self.decoder:
+            x = self._run(block, x, modulation, skips.pop(), orders)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+class WDMamba(ModelMixin, ConfigMixin):
+    """Noise-prediction network: (x_t, t, y) -> epsilon. See the module docstring for the layout.
+
+    Args:
+        arch: "wdmamba" (W-Net of two Us), "umamba" (one U) or "uvit" (one U of transformer blocks).
+        sample_size: trained latent/pixel side (H = W); other sizes interpolate the position embedding.
+        in_channels: latent or pixel channels.
+        patch_size: side of a square patch.
+        width: token width D.
+        depth: encoder (and decoder) blocks per U; 6 in the paper.
+        num_classes: 0 = unconditional; otherwise label `num_classes` is the null class for CFG.
+        d_state, d_conv, expand: Mamba-1 mixer sizes (N, conv width, d_inner / D).
+        scan: "cycle" (one direction per block, cycling row/column x forward/backward) or "bidirectional".
+        num_heads, mlp_ratio: transformer sizes (uvit only).
+        scan_backend: default selective-scan backend ("auto", "torch", "mamba_ssm", ...).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        arch: str = "wdmamba",
+        sample_size: int = 32,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        width: int = 768,
+        depth: int = 6,
+        num_classes: int = 0,
+        d_state: int = 16,
+        d_conv: int = 3,
+        expand: int = 2,
+        scan: str = "cycle",
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
+        if scan not in SCAN_MODES:
+            raise ValueError(f"scan must be one of {SCAN_MODES}, not {scan!r}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        self.num_extra_tokens = 2 if num_classes > 0 else 1
+        grid = sample_size // patch_size
+
+        # Embeddings: patches, time token (+ adaLN conditioning), class token, positions
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.time_embed = TimestepEmbedder(width)
+        self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_extra_tokens + grid * grid, width) * 0.02)
+
+        # W-Net body
+        self.is_mamba = arch != "uvit"
+        num_stages = 2 if arch == "wdmamba" else 1
+
+        def make_block(index: int, has_skip: bool) -> nn.Module:
+            if not self.is_mamba:
+                return TransformerBlock(width, num_heads, mlp_ratio, has_skip)
+            if scan == "bidirectional":
+                order = ("row", "column")[index % 2]
+            else:
+                order = CYCLE[index % 4]
+            return MambaBlock(width, order, has_skip, d_state, d_conv, expand, scan == "bidirectional")
+
+        blocks_per_stage = 2 * depth + 1
+        self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
+        # adaLN-single: one shared projection of the conditioning into (shift, scale, gate) for all blocks
+        self.block_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width)) if self.is_mamba else None
+
+        # Head: norm -> (adaLN) -> Linear -> unpatchify -> Conv2d 3x3
+        if self.is_mamba:
+            self.norm_out = nn.RMSNorm(width, eps=1e-6)
+            self.head_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        else:
+            self.norm_out = nn.LayerNorm(width)
+            self.head_modulation = None
+        self.proj_out = nn.Linear(width, patch_size * patch_size * in_channels)
+        self.final_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+
+        self._init_weights()
+        self.set_scan_backend(scan_backend)
+
+    def _init_weights(self) -> None:
+        ssm_linears = {m.dt_proj for m in self.modules() if isinstance(m, SSMBranch)}  # keep Mamba's dt init
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module not in ssm_linears:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.block_modulation is not None:
+            nn.init.normal_(self.block_modulation[1].weight, std=0.02)
+            nn.init.normal_(self.head_modulation[1].weight, std=0.02)
+        nn.init.normal_(self.proj_out.weight, std=0.02)
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    # ---- runtime options -------------------------------------------------------------------------
+
+    def set_scan_backend(self, backend: str = "auto", **options) -> None:
+        """Choose the selective-scan backend (and its options, e.g. chunk_size for "torch") for every block."""
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.scan_options = {"backend": backend, **options}
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        for stage in self.w_net:
+            stage.gradient_checkpointing = enabled
+
+    @property
+    def null_class(self) -> int | None:
+        return self.config.num_classes if self.config.num_classes > 0 else None
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        pos = self.pos_embed
+        trained = self.config.sample_size // self.config.patch_size
+        if (grid_h, grid_w) == (trained, trained):
+            return pos
+        extra, patches = pos[:, : self.num_extra_tokens], pos[:, self.num_extra_tokens:]
+        patches = patches.reshape(1, trained, trained, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([extra, patches], dim=1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); timesteps: (B,) on the 0..999 scale; class_labels: (B,) ints (null = num_classes).
+        Returns the predicted noise, shaped like x."""
+        b, c, height, width = x.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input {height}x{width} is not divisible by the patch size {p}")
+        grid_h, grid_w = height // p, width // p
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(b)
+
+        # 1. tokens: [time, class, patches] + positions
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)                  # (B, HW, D)
+        t_emb = self.time_embed(timesteps)                                        # (B, D)
+        extra = [t_emb[:, None]]
+        cond = t_emb
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((b,), self.config.num_classes, device=x.device, dtype=torch.long)
+            y_emb = self.class_embed(class_labels)
+            extra.append(y_emb[:, None])
+            cond = cond + y_emb
+        tokens = torch.cat(extra + [patches.to(t_emb.dtype)], dim=1) + self._position_embedding(grid_h, grid_w)
+
+        # 2. W-Net: encoder 1 -> bottleneck 1 -> decoder 1 -> encoder 2 -> bottleneck 2 -> decoder 2
+        modulation = self.block_modulation(cond).view(b, 3, -1) if self.is_mamba else None
+        orders = column_major_orders(self.num_extra_tokens, grid_h, grid_w, x.device)
+        for stage in self.w_net:
+            tokens = stage(tokens, modulation, orders)
+
+        # 3. head: norm -> Linear -> unpatchify -> Conv2d
+        h = self.norm_out(tokens[:, self.num_extra_tokens:])
+        if self.head_modulation is not None:
+            shift, scale = self.head_modulation(cond).chunk(2, dim=-1)
+            h = modulate(h, shift, scale)
+        h = self.proj_out(h)                                                       # (B, HW, p*p*C)
+        h = h.view(b, grid_h, grid_w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+        return self.final_conv(h)

@@ -1,0 +1,116 @@
+"""The saved-model folder: everything `sample`, `fid` and `export` need, loadable without pickle.
+
+    <folder>/
+      model_index.json                     diffusers pipeline index (WDMambaPipeline)
+      denoiser/                            EMA weights: config.json + diffusion_pytorch_model.safetensors
+      denoiser_online/                     the raw (non-EMA) weights, for --no-ema (optional)
+      scheduler/scheduler_config.json      the DDPM training schedule
+      wdmctl.json                          autoencoder reference (from the cache manifest), classes,
+                                           latent shape, the recipe's sampling defaults, step, provenance
+
+The trainer writes one per checkpoint (`checkpoints/step-NNNNNNN/pipeline/`); `WDMambaPipeline`
+reads and writes the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wdmctl.errors import WdmError
+
+META_FILE = "wdmctl.json"
+
+
+@dataclass
+class SavedPipeline:
+    """A loaded folder: the denoiser (EMA unless asked otherwise), the training scheduler and the metadata."""
+
+    path: Path
+    model: Any
+    scheduler: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def autoencoder(self) -> dict[str, Any]:
+        """The cache manifest's autoencoder entry (`{"spec": "none"}` for pixel models)."""
+        return dict(self.meta.get("autoencoder") or {"spec": "none"})
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], online_model=None,
+                  overwrite: bool = False) -> Path:
+    """Write the folder atomically (into a temporary sibling, then rename)."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise WdmError(f"{folder} exists; pass --overwrite to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp / "denoiser", safe_serialization=True)
+        if online_model is not None:
+            online_model.save_pretrained(tmp / "denoiser_online", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        write_json_atomic(tmp / "model_index.json", {
+            "_class_name": "WDMambaPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "denoiser": ["wdmctl.models.wdmamba", "WDMamba"],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        })
+        write_json_atomic(tmp / META_FILE, meta)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None) -> SavedPipeline:
+    """Load a folder written by `save_pipeline` (safetensors only: no pickle on this path)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from wdmctl.models.loading import load_model
+
+    folder = Path(folder)
+    if not (folder / "denoiser" / "config.json").exists():
+        raise WdmError(f"{folder} is not a wdmctl model folder (no denoiser/config.json)")
+    sub = "denoiser"
+    if not ema:
+        if not (folder / "denoiser_online").exists():
+            raise WdmError(f"{folder} holds only EMA weights; drop --no-ema")
+        sub = "denoiser_online"
+    model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    return SavedPipeline(folder, model, scheduler, meta)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
