@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytest-xdist runs one worker per core; more intra-op threads than cores makes OpenMP spin and tiny ops
+# take milliseconds instead of microseconds.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WDM_SHARED", REPO.parent / "shared"))
 

@@ -76,7 +76,7 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
         write_json_atomic(tmp / "model_index.json", {
             "_class_name": "WDMambaPipeline",
             "_diffusers_version": _diffusers_version(),
-            "denoiser": ["wdmctl.models.wdmamba", "WDMamba"],
+            "denoiser": ["wdmctl", "WDMamba"],
             "scheduler": ["diffusers", type(scheduler).__name__],
         })
         write_json_atomic(tmp / META_FILE, meta)
@@ -114,3 +114,67 @@ def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+def _pipeline_class():
+    """Defined lazily: importing diffusers' pipeline machinery is slow and the CLI must start fast."""
+    from diffusers import DiffusionPipeline
+
+    class WDMambaPipeline(DiffusionPipeline):
+        """A thin diffusers pipeline around the denoiser and its DDPM training schedule.
+
+        `pipe(num_images=8, class_labels=[207], seed=0)` returns uint8 NHWC images sampled exactly as
+        `wdmctl sample` does. `save_pretrained`/`from_pretrained` use the folder layout of this module, so a
+        pipeline and a training checkpoint's `pipeline/` folder are interchangeable.
+        """
+
+        model_cpu_offload_seq = "denoiser"
+
+        def __init__(self, denoiser, scheduler):
+            super().__init__()
+            self.register_modules(denoiser=denoiser, scheduler=scheduler)
+            self.wdmctl_meta: dict[str, Any] = {}
+
+        def save_pretrained(self, save_directory, **kwargs):
+            super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+            write_json_atomic(Path(save_directory) / META_FILE, self.wdmctl_meta)
+
+        @classmethod
+        def from_pretrained(cls, folder, **kwargs):
+            folder = Path(folder)
+            pipe = super().from_pretrained(folder, use_safetensors=True, **kwargs)
+            meta_path = folder / META_FILE
+            pipe.wdmctl_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            return pipe
+
+        def __call__(self, num_images: int = 1, class_labels=None, num_inference_steps: int | None = None,
+                     guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
+                     batch_size: int = 16, precision: str = "fp32"):
+            from wdmctl.sampling import labels_for, resolve_classes, sample_images, sampling_defaults
+
+            num_classes = int(self.denoiser.config.num_classes)
+            defaults = sampling_defaults(self.wdmctl_meta, num_classes > 0)
+            classes = resolve_classes([str(c) for c in class_labels] if class_labels is not None else None,
+                                      num_classes, self.wdmctl_meta.get("class_names") or [])
+            seeds = list(range(seed, seed + num_images))
+            cfg = defaults["cfg"] if guidance_scale is None else guidance_scale
+            return sample_images(
+                self.denoiser, dict(self.scheduler.config), self.wdmctl_meta.get("autoencoder"), seeds,
+                labels_for(seeds, classes, num_classes), num_inference_steps or defaults["steps"],
+                cfg if num_classes else 1.0, solver or defaults["solver"], batch_size, self.device, precision,
+            )
+
+    return WDMambaPipeline
+
+
+def pipeline_from_saved(saved: SavedPipeline):
+    """A WDMambaPipeline around a loaded folder."""
+    pipe = _pipeline_class()(saved.model, saved.scheduler)
+    pipe.wdmctl_meta = dict(saved.meta)
+    return pipe
+
+
+def __getattr__(name: str):
+    if name == "WDMambaPipeline":
+        return _pipeline_class()
+    raise AttributeError(name)
