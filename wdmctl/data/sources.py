@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,16 @@ def _archive_source(src, entries: dict, read_bytes, size_of) -> ImageSource:
     labels, names = _labels_from_paths(short)
     parts = [f"{n}:{size_of(entries[n])}" for n in full]
     keys = [prefix + s for s in short]
-    return ImageSource(f"archive:{Path(src).name}", keys, labels, names,
-                       lambda key: Image.open(read_bytes(key)), parts)
+    # one archive handle serves every image: reading its bytes must not interleave between threads
+    # (tarfile seeks a shared file object); decoding the bytes needs no lock
+    lock = threading.Lock()
+
+    def read(key: str) -> Image.Image:
+        with lock:
+            data = read_bytes(key)
+        return Image.open(data)
+
+    return ImageSource(f"archive:{Path(src).name}", keys, labels, names, read, parts)
 
 
 def _digits_source() -> ImageSource:
