@@ -1,0 +1,79 @@
+"""`wdmctl fid` on a training run: sample with the recipe's settings, score against the recipe's reference
+(built and cached first when it is an image source), and keep the JSON in the run folder."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from wdmctl.errors import WdmError
+from wdmctl.fid.reference import ProgressFn, check_reference, load_reference, resolve_reference
+from wdmctl.fid.score import DEFAULT_NUM, score_images
+
+
+def _recipe_fid_section(run_dir: Path) -> dict[str, Any]:
+    recipe_path = run_dir / "recipe.toml"
+    if not recipe_path.is_file():
+        raise WdmError(f"{run_dir} has no recipe.toml; is it a wdmctl run folder?")
+    try:
+        recipe = tomllib.loads(recipe_path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise WdmError(f"{recipe_path}: {err}") from None
+    return dict(recipe.get("fid") or {})
+
+
+def _result_path(run_dir: Path, pipeline_dir: Path, num: int) -> Path:
+    """`<run>/fid/<checkpoint>-n<num>.json`; pipelines live in `checkpoints/step-NNNNNNN/pipeline/`."""
+    checkpoint_name = pipeline_dir.parent.name if pipeline_dir.name == "pipeline" else pipeline_dir.name
+    return run_dir / "fid" / f"{checkpoint_name}-n{num}.json"
+
+
+def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | None = None, steps: int | None = None,
+                cfg: float | None = None, ref: str | None = None, allow_small: bool = False, *, seed: int = 0,
+                batch_size: int = 64, device: str | None = None, precision: str = "fp32", pr: bool = False,
+                inception: str | Path | None = None, overwrite: bool = False,
+                on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Sample `num` images (default: the recipe's `[fid] num`, else 50,000) from a run's checkpoint (the
+    newest run and checkpoint by default) and score them; arguments left None come from the recipe's
+    `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`). Writes and returns the score
+    JSON, extended with the run, checkpoint and sampler settings."""
+    from wdmctl.fid.inception import default_device, load_inception
+    from wdmctl.pipeline import write_json_atomic
+    from wdmctl.runs import checkpoint_pipeline, find_run
+    from wdmctl.sampling import generate_images
+
+    run_dir = Path(find_run(run))
+    section = _recipe_fid_section(run_dir)
+    num = int(num or section.get("num", DEFAULT_NUM))
+    steps = steps if steps is not None else section.get("steps")
+    cfg = cfg if cfg is not None else section.get("cfg")
+    solver = section.get("solver")
+    ref_spec = ref or section.get("ref")
+    if not ref_spec:
+        raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "
+                       f"{run_dir / 'recipe.toml'}")
+    pipeline_dir = Path(checkpoint_pipeline(run_dir, checkpoint))
+    out = _result_path(run_dir, pipeline_dir, num)
+    if out.exists() and not overwrite:
+        raise WdmError(f"{out} exists; pass --overwrite to score this checkpoint again")
+
+    device = device or default_device()
+    extractor = load_inception(inception, device)
+    ref_path = resolve_reference(ref_spec, section.get("resolution"), extractor=extractor, device=device)
+    # refuse mismatched statistics before spending the sampling time
+    check_reference(load_reference(ref_path), extractor)
+
+    batches = generate_images(pipeline_dir=pipeline_dir, n=num, classes=None, steps=steps, cfg=cfg, solver=solver,
+                              seed=seed, batch_size=batch_size, device=device, precision=precision)
+    result = score_images((images for images, _labels in batches), ref_path, num_expected=num,
+                          allow_small=allow_small, pr=pr, extractor=extractor, on_progress=on_progress)
+    result.update(
+        run=str(run_dir), checkpoint=checkpoint, pipeline=str(pipeline_dir),
+        sampler={"solver": solver, "steps": steps, "cfg": cfg, "ema": True, "precision": precision,
+                 "seeds": [seed, seed + num - 1], "classes": "sampler default (uniform for class-conditional)"},
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    result["json"] = str(out)
+    return result
