@@ -9,6 +9,7 @@ from wdmctl.cli.app import app
 # command modules register themselves on import; keep this list sorted
 from wdmctl.cli import bench as _bench  # noqa: F401,E402
 from wdmctl.cli import cache as _cache  # noqa: F401,E402
+from wdmctl.cli import fid as _fid  # noqa: F401,E402
 from wdmctl.cli import model as _model  # noqa: F401,E402
 from wdmctl.cli import sample as _sample  # noqa: F401,E402
 
