@@ -8,6 +8,7 @@ import sys
 from wdmctl.cli.app import app
 # command modules register themselves on import; keep this list sorted
 from wdmctl.cli import bench as _bench  # noqa: F401,E402
+from wdmctl.cli import bench_scan as _bench_scan  # noqa: F401,E402
 from wdmctl.cli import cache as _cache  # noqa: F401,E402
 from wdmctl.cli import fid as _fid  # noqa: F401,E402
 from wdmctl.cli import model as _model  # noqa: F401,E402

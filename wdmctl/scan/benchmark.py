@@ -1,0 +1,197 @@
+"""Selective-scan and causal-conv1d timings per backend, for `wdmctl bench scan`.
+
+Inputs are laid out the way WD-Mamba's mixer passes them: u, delta and z are (batch, d, L) views of
+(batch, L, d) memory (z a half of in_proj's output), B and C views of x_proj's (batch, L, R + 2N) output.
+mamba_ssm is also timed on contiguous (batch, d, L) copies, the layout its kernel wants (that is how the
+baseline in ../shared/device/README.md was measured), so both of its numbers are on record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from wdmctl.bench import time_fn
+from wdmctl.scan import available_backends, causal_conv1d, selective_scan
+
+DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
+TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only
+
+
+def scan_inputs(batch: int, d: int, length: int, n: int = 16, dtype=torch.bfloat16, layout: str = "model",
+                device="cuda", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random scan inputs with Mamba-like statistics (softplus(delta + bias) in [1e-3, 0.1], A = -(1..N)).
+
+    layout "model": the strided views the model passes; "contiguous": (batch, d, L) contiguous copies."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    rank = math.ceil(d / 32)
+    xz = r(batch, length, 2 * d).to(dtype)
+    u = r(batch, length, d).to(dtype).transpose(1, 2)
+    z = xz[..., d:].transpose(1, 2)
+    proj = r(batch, length, rank + 2 * n).to(dtype)
+    B, C = proj[..., rank:rank + n].transpose(1, 2), proj[..., rank + n:].transpose(1, 2)
+    delta = r(batch, length, d, scale=0.1).to(dtype).transpose(1, 2)
+    dt = torch.exp(torch.rand(d, generator=g, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    x = dict(u=u, delta=delta, A=-torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(d, 1),
+             B=B, C=C, D=torch.ones(d, device=device), z=z, delta_bias=dt + torch.log(-torch.expm1(-dt)))
+    if layout == "contiguous":
+        x = {k: v.contiguous() for k, v in x.items()}
+    return x
+
+
+def essential_bytes(batch: int, d: int, length: int, n: int, esize: int) -> tuple[int, int]:
+    """(forward, forward+backward) bytes that must cross device memory at least once: forward reads u,
+    delta, z, B, C and writes y; backward also reads dy, u, delta, z, B, C and writes du, ddelta, dz, dB, dC."""
+    bdl, bnl = batch * d * length * esize, batch * n * length * esize
+    fwd = 4 * bdl + 2 * bnl
+    bwd = 7 * bdl + 4 * bnl
+    return fwd, fwd + bwd
+
+
+def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
+    """Median forward and forward+backward ms of one backend on inputs x."""
+    opts = dict(delta_softplus=True, backend=backend)
+    with torch.no_grad():
+        fwd = time_fn(lambda: selective_scan(**x, **opts), warmup=3, iters=iters)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    dy = torch.randn_like(selective_scan(**x, **opts))
+
+    def step():
+        out = selective_scan(**leaves, **opts)
+        out.backward(dy)
+        for v in leaves.values():
+            v.grad = None
+
+    both = time_fn(step, warmup=3, iters=iters)
+    return {"forward_ms": round(fwd, 4), "forward_backward_ms": round(both, 4)}
+
+
+def _profile_kernels(fn, iters: int = 5) -> list[dict[str, Any]]:
+    """GPU time per kernel name (microseconds per call of fn), largest first, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if cuda_us > 0 and evt.count > 0:
+            rows.append({"kernel": evt.key[:80], "us_per_call": round(cuda_us / iters, 1), "launches": evt.count // iters})
+    return sorted(rows, key=lambda row: -row["us_per_call"])[:12]
+
+
+def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 20,
+                   backends=("torch", "mamba_ssm", "triton"), profile: bool = True) -> dict[str, Any]:
+    """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
+    triton backend, where its time goes (per-kernel profile)."""
+    usable = available_backends("cuda")
+    esize = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for batch, d, length in shapes:
+        fwd_bytes, all_bytes = essential_bytes(batch, d, length, n, esize)
+        for backend in backends:
+            if backend not in usable:
+                continue
+            layouts = ("model", "contiguous") if backend == "mamba_ssm" else ("model",)
+            for layout in layouts:
+                row = dict(backend=backend, layout=layout, batch=batch, d_inner=d, length=length, d_state=n,
+                           dtype=str(dtype).replace("torch.", ""))
+                if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
+                    row["skipped"] = "too slow and too big for the chunked PyTorch scan at this size"
+                    rows.append(row)
+                    continue
+                x = scan_inputs(batch, d, length, n, dtype, layout)
+                try:
+                    row.update(_time_scan(x, backend, iters if backend != "torch" else 3))
+                except torch.OutOfMemoryError:
+                    row["skipped"] = "out of memory"
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    continue
+                row["forward_GBps"] = round(fwd_bytes / row["forward_ms"] / 1e6, 1)
+                row["forward_backward_GBps"] = round(all_bytes / row["forward_backward_ms"] / 1e6, 1)
+                rows.append(row)
+                del x
+    payload: dict[str, Any] = {"benchmark": "selective_scan", "rows": rows, "speedup_vs_mamba_ssm": _speedups(rows)}
+    if "triton" in usable:
+        from wdmctl.scan import triton_scan
+
+        payload["triton_configs"] = {k: list(v) for k, v in triton_scan.tuned_configs().items()}
+        if profile:
+            payload["triton_profile"] = {}
+            for batch, d, length in shapes:
+                x = scan_inputs(batch, d, length, n, dtype, "model")
+                leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+
+                def step():
+                    selective_scan(**leaves, delta_softplus=True, backend="triton").sum().backward()
+
+                payload["triton_profile"][f"{batch}x{d}x{length}"] = _profile_kernels(step)
+    payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
+    return payload
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    """triton vs mamba_ssm (model layout, and mamba_ssm's best layout) per shape."""
+    out = []
+    keyed = {}
+    for row in rows:
+        if "forward_ms" in row:
+            keyed.setdefault((row["batch"], row["d_inner"], row["length"]), {})[(row["backend"], row["layout"])] = row
+    for shape, by in keyed.items():
+        tri = by.get(("triton", "model"))
+        mambas = [r for (b, _), r in by.items() if b == "mamba_ssm"]
+        if tri is None or not mambas:
+            continue
+        best = min(mambas, key=lambda r: r["forward_backward_ms"])
+        out.append({
+            "shape": "x".join(map(str, shape)),
+            "forward_x": round(min(r["forward_ms"] for r in mambas) / tri["forward_ms"], 2),
+            "forward_backward_x": round(best["forward_backward_ms"] / tri["forward_backward_ms"], 2),
+            "mamba_ssm_best_layout": best["layout"],
+        })
+    return out
+
+
+def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, iters: int = 20) -> list[dict]:
+    """Causal conv1d + SiLU forward and forward+backward ms: torch, causal-conv1d (via mamba_ssm's route)
+    and triton, on a (batch, d, L) view of (batch, L, d) memory like the model's."""
+    from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
+    from wdmctl.scan.torch_scan import causal_conv1d_torch
+
+    impls = {"torch": causal_conv1d_torch}
+    if _has("causal_conv1d"):
+        impls["causal_conv1d"] = causal_conv1d_mamba
+    if "triton" in available_backends("cuda"):
+        from wdmctl.scan.triton_scan import causal_conv1d_triton
+
+        impls["triton"] = causal_conv1d_triton
+    rows = []
+    for batch, d, length in shapes:
+        x = torch.randn(batch, length, 2 * d, device="cuda", dtype=dtype)[..., :d].transpose(1, 2)
+        w = torch.randn(d, width, device="cuda") * 0.3
+        b = torch.randn(d, device="cuda") * 0.1
+        for name, fn in impls.items():
+            with torch.no_grad():
+                fwd = time_fn(lambda: fn(x, w, b, "silu"), warmup=3, iters=iters)
+            xs, ws, bs = (v.detach().requires_grad_(True) for v in (x, w, b))
+            dy = torch.randn(batch, d, length, device="cuda", dtype=dtype)
+
+            def step():
+                fn(xs, ws, bs, "silu").backward(dy)
+                xs.grad = ws.grad = bs.grad = None
+
+            both = time_fn(step, warmup=3, iters=iters)
+            rows.append(dict(impl=name, batch=batch, d=d, length=length, width=width,
+                             forward_ms=round(fwd, 4), forward_backward_ms=round(both, 4)))
+    return rows

@@ -1,0 +1,754 @@
+"""Our Triton selective scan (forward and backward) and causal conv1d, behind the scan interface.
+
+Layout. One program owns one batch row and a block of BD channels; its state lives in registers as an
+(N, BD) fp32 tile whose N states of a channel sit in one thread (the channel axis is the tile's last,
+fastest axis, so Triton spreads channels over lanes and keeps N in-thread). Sums over N (y, du, ddelta)
+are then register adds, not shuffles. Time is a plain loop; each iteration prefetches the next step's
+inputs so the loads of step t+1 overlap the arithmetic of step t. Every tensor is read through its
+strides: a (batch, d, L) view of (batch, L, d) memory (what the model passes) gives coalesced channel
+loads, and `reverse` only walks t from L-1 down to 0 (no flipped copies).
+
+Backward without storing the (batch, d, L, N) states. With a_t = delta_t * A, x_t = delta_t u_t B_t,
+g_t the gradient of the pre-gate output and dh_t the state gradient (dh_t = g_t C_t + e^{a_{t+1}} dh_{t+1}),
+everything but the decay terms needs only dh (one reverse pass). The decay gradient
+G_t = dL/da_t = dh_t e^{a_t} h_{t-1} couples dh with the previous state; it telescopes:
+
+    G_t = G_{t+1} + F_t - R_t,   F_t = g_t C_t h_t  (forward quantities),   R_t = dh_t x_t  (reverse ones)
+
+so pass 1 (forward time) recomputes h and writes f_t = sum_n A F_t per (b, t, d) plus dz and dC, and
+pass 2 (reverse time) runs dh and accumulates ddelta_t = sum_n A G_t + u_t sum_n dh_t B_t. For dA we need
+sum_t delta_t G_t per state; doing that with the telescoped G over the whole sequence would cancel
+large terms (error ~ eps * L^1.5), so sequences are cut into chunks of CHUNK steps: pass 1 stores the
+state at each chunk end (batch x chunks x N x d, 1/CHUNK of the full states), pass 2 computes G exactly at
+each chunk start from it and telescopes only inside a chunk (error ~ eps * CHUNK).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources, PTXASError
+
+from wdmctl.scan import ScanBackend, register_backend
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+CHUNK = 64  # steps between stored states in the backward pass (accuracy vs 1/CHUNK extra memory)
+
+# Without a GPU, Triton kernels can only run through its interpreter (CI's parity tests do that on CPU).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Elementwise helpers (per channel, not per state: their cost is amortised over N)
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    """log1p(exp(x)) for x <= 20, x above (torch's and mamba-ssm's threshold). log1p via Kahan's
+    log(w) * e / (w - 1), exact where plain log(1 + e) loses the small-delta digits."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
+    return tl.where(x <= 20.0, lp, x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+# The state's register layout follows Triton's layout for the (N, BD) tiles we load (A^T, scratch). Those
+# are indexed n * DIM + d with DIM unspecialised: contiguous along d but of unknown alignment, so Triton
+# puts consecutive lanes on consecutive channels, one element per thread per row, and every state of a
+# channel in that channel's thread. (A vectorised or n-contiguous A tile would split a channel's states
+# over lanes: a shuffle per state in every sum over N.) Channel strides are kept opaque (not specialised
+# to 1) for the same reason: vectorised channel loads would need a layout conversion each step. Channel
+# loads stay coalesced (32 neighbouring channels per warp instruction), just not vectorised.
+_CHANNEL_STRIDES = ["s_ud", "s_dd", "s_zd", "s_yd", "s_gd", "s_dzd", "s_dud", "s_ddd"]
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    BATCH, DIM, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+):
+    """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D) fp32."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    md = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    mn = offs_n < N
+    # padded states get A = 0 and B = C = 0: their h stays exactly 0
+    A2 = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    pu = u_ptr + b * s_ub + offs_d * s_ud
+    pdl = dl_ptr + b * s_db + offs_d * s_dd
+    pz = z_ptr + b * s_zb + offs_d * s_zd
+    py = y_ptr + b * s_yb + offs_d * s_yd
+    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
+    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
+    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
+    pc = pb + NP
+
+    if REVERSE:
+        tn = L - 1
+    else:
+        tn = 0
+    # prefetched inputs of the next step (loop-carried so their loads overlap this step's math)
+    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+    b_n = tl.load(pb + tn * 2 * NP)
+    c_n = tl.load(pc + tn * 2 * NP)
+    if HAS_Z:
+        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    for i in range(L):
+        t = tn
+        u = u_n.to(tl.float32)
+        dl = dl_n.to(tl.float32)
+        Bt = b_n
+        Ct = c_n
+        if HAS_Z:
+            zt = z_n.to(tl.float32)
+        # the next step's index, clamped: the last prefetch re-reads a valid element instead of masking
+        if REVERSE:
+            tn = tl.maximum(t - 1, 0)
+        else:
+            tn = tl.minimum(t + 1, L - 1)
+        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+        b_n = tl.load(pb + tn * 2 * NP)
+        c_n = tl.load(pc + tn * 2 * NP)
+        if HAS_Z:
+            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+
+        if HAS_BIAS:
+            dl = dl + bias
+        if SOFTPLUS:
+            dl = _softplus(dl)
+        h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
+        y = tl.sum(h * Ct[:, None], axis=0)
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            y = y * zt * _sigmoid(zt)
+        tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward pass 1: forward time. Recompute h; write dz, f = g * sum_n A C h, dC partials, chunk states.
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_bwd1_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
+    dz_ptr, f_ptr, dcp_ptr, accf_ptr, ck_ptr, ds_ptr,
+    BATCH, DIM, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
+    accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
+    at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk. t indexes memory; the
+    chunks are cut in scan order."""
+    pid_d = tl.program_id(0)
+    nblk = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    md = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    mn = offs_n < N
+    mnd = mn[:, None] & md[None, :]
+    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) fp32 scratch and A^T, channel-contiguous
+    A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    pu = u_ptr + b * s_ub + offs_d * s_ud
+    pdl = dl_ptr + b * s_db + offs_d * s_dd
+    pz = z_ptr + b * s_zb + offs_d * s_zd
+    pg = go_ptr + b * s_gb + offs_d * s_gd
+    pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
+    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
+    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
+    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
+    pc = pb + NP
+    pf = f_ptr + b * L * DIM + offs_d
+    pdc = dcp_ptr + (b * nblk + pid_d) * L * N + offs_n
+    nc = tl.cdiv(L, CHUNK)
+
+    if REVERSE:
+        tn = L - 1
+    else:
+        tn = 0
+    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+    g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+    if HAS_Z:
+        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    accf = tl.zeros([NP, BD], dtype=tl.float32)
+    for c in range(nc):
+        start = c * CHUNK
+        stop = tl.minimum(start + CHUNK, L)
+        loc = tl.zeros([BD], dtype=tl.float32)
+        for s in range(start, stop):
+            t = tn
+            u = u_n.to(tl.float32)
+            dl = dl_n.to(tl.float32)
+            go = g_n.to(tl.float32)
+            Bt = tl.load(pb + t * 2 * NP)
+            Ct = tl.load(pc + t * 2 * NP)
+            if HAS_Z:
+                zt = z_n.to(tl.float32)
+            if REVERSE:
+                tn = tl.maximum(t - 1, 0)
+            else:
+                tn = tl.minimum(t + 1, L - 1)
+            u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+            dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+            g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+            if HAS_Z:
+                z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+
+            if HAS_BIAS:
+                dl = dl + bias
+            if SOFTPLUS:
+                dl = _softplus(dl)
+            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
+            hc = h * Ct[:, None]
+            y = tl.sum(hc, axis=0)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                sz = _sigmoid(zt)
+                g = go * zt * sz
+                tl.store(pdz + t * s_dzl, (go * y * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=md)
+            else:
+                g = go
+            tl.store(pf + t * DIM, g * tl.sum(A2 * hc, axis=0) * LN2, mask=md)
+            tl.store(pdc + t * N, tl.sum(h * g[None, :], axis=1), mask=mn)
+            loc += dl
+            accf += hc * (g * loc)[None, :]
+        tl.store(ds_ptr + (b * nc + c) * DIM + offs_d, loc, mask=md)
+        tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)  # the last chunk's is never read
+    tl.store(accf_ptr + b * N * DIM + nd_off, accf, mask=mnd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward pass 2: reverse time. dh recurrence; du, ddelta, dB partials, dA, dD, d(delta_bias) per row.
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_bwd2_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
+    f_ptr, accf_ptr, ck_ptr, ds_ptr,
+    du_ptr, ddl_ptr, dbp_ptr, dap_ptr, ddp_ptr, dbiasp_ptr,
+    BATCH, DIM, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Walks scan positions s = L-1 .. 0 (memory index t = s, or L-1-s when REVERSE). `carry` holds
+    e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
+    reset exactly from the stored state at each chunk start."""
+    pid_d = tl.program_id(0)
+    nblk = tl.num_programs(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    md = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    mn = offs_n < N
+    mnd = mn[:, None] & md[None, :]
+    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) fp32 scratch and A^T, channel-contiguous
+    A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    pu = u_ptr + b * s_ub + offs_d * s_ud
+    pdl = dl_ptr + b * s_db + offs_d * s_dd
+    pz = z_ptr + b * s_zb + offs_d * s_zd
+    pg = go_ptr + b * s_gb + offs_d * s_gd
+    pdu = du_ptr + b * s_dub + offs_d * s_dud
+    pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
+    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
+    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
+    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
+    pc = pb + NP
+    pf = f_ptr + b * L * DIM + offs_d
+    pdb = dbp_ptr + (b * nblk + pid_d) * L * N + offs_n
+    nc = tl.cdiv(L, CHUNK)
+
+    if REVERSE:
+        tn = 0
+    else:
+        tn = L - 1
+    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+    g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+    f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
+    if HAS_Z:
+        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+    acc = tl.load(accf_ptr + b * N * DIM + nd_off, mask=mnd, other=0.0)
+    carry = tl.zeros([NP, BD], dtype=tl.float32)
+    S = tl.zeros([BD], dtype=tl.float32)
+    dd_acc = tl.zeros([BD], dtype=tl.float32)
+    dbias_acc = tl.zeros([BD], dtype=tl.float32)
+    for ci in range(nc):
+        c = nc - 1 - ci
+        start = c * CHUNK
+        stop = tl.minimum(start + CHUNK, L)
+        loc = tl.load(ds_ptr + (b * nc + c) * DIM + offs_d, mask=md, other=0.0)
+        for j in range(stop - start):
+            s = stop - 1 - j
+            t = tn
+            u = u_n.to(tl.float32)
+            raw = dl_n.to(tl.float32)
+            go = g_n.to(tl.float32)
+            f = f_n
+            Bt = tl.load(pb + t * 2 * NP)
+            Ct = tl.load(pc + t * 2 * NP)
+            if HAS_Z:
+                zt = z_n.to(tl.float32)
+            if REVERSE:
+                tn = tl.minimum(t + 1, L - 1)
+            else:
+                tn = tl.maximum(t - 1, 0)
+            u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+            dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+            g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+            f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
+            if HAS_Z:
+                z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+
+            if HAS_BIAS:
+                raw = raw + bias
+            if SOFTPLUS:
+                dl = _softplus(raw)
+            else:
+                dl = raw
+            if HAS_Z:
+                g = go * zt * _sigmoid(zt)
+            else:
+                g = go
+            dh = carry + g[None, :] * Ct[:, None]
+            carry = tl.exp2(dl[None, :] * A2) * dh
+            dhb = dh * Bt[:, None]
+            sdhb = tl.sum(dhb, axis=0)
+            dtu = dl * u
+            S += f - dtu * tl.sum(A2 * dhb, axis=0) * LN2
+            ddt = S + u * sdhb
+            acc -= dhb * (dtu * loc)[None, :]
+            loc -= dl
+            tl.store(pdb + t * N, tl.sum(dh * dtu[None, :], axis=1), mask=mn)
+            du = dl * sdhb
+            if HAS_D:
+                du += Dv * g
+                dd_acc += g * u
+            if SOFTPLUS:
+                ddt = tl.where(raw <= 20.0, ddt * _sigmoid(raw), ddt)
+            dbias_acc += ddt
+            tl.store(pdu + t * s_dul, du.to(du_ptr.dtype.element_ty), mask=md)
+            tl.store(pddl + t * s_ddl, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
+        # chunk c is done and carry = e^{a_s} dh_s at its first step s: G_s = carry * h_{s-1} exactly,
+        # which closes chunk c-1's dA sum (G_s times that chunk's delta sum) and restarts S
+        # (for c = 0 there is no earlier chunk: read slot 0 and weigh it by 0)
+        cp = tl.maximum(c - 1, 0)
+        hprev = tl.load(ck_ptr + (b * nc + cp) * N * DIM + nd_off, mask=mnd, other=0.0)
+        dsp = tl.load(ds_ptr + (b * nc + cp) * DIM + offs_d, mask=md, other=0.0) * (c > 0).to(tl.float32)
+        G = carry * hprev
+        acc += G * dsp[None, :]
+        S = tl.sum(A2 * G, axis=0) * LN2
+    tl.store(dap_ptr + b * N * DIM + nd_off, acc, mask=mnd)
+    tl.store(ddp_ptr + b * DIM + offs_d, dd_acc, mask=md)
+    tl.store(dbiasp_ptr + b * DIM + offs_d, dbias_acc, mask=md)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Causal conv1d (+ SiLU): depthwise, width W <= 4, channels on the tile's contiguous axis
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _conv_tap(x_base, t, s_xl, shift, L, md, DIR: tl.constexpr):
+    """x at positions t + shift * DIR as a (BT, BD) fp32 tile, zero outside [0, L) (the causal padding)."""
+    pos = t + shift * DIR
+    ok = (pos >= 0) & (pos < L)
+    return tl.load(x_base + pos[:, None] * s_xl, mask=ok[:, None] & md[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, W: tl.constexpr, DIR: tl.constexpr,
+              BT: tl.constexpr, BD: tl.constexpr):
+    """The pre-activation at positions t + j * DIR: bias + sum_k w[k] x[. - (W-1-k) * DIR]."""
+    acc = tl.zeros([BT, BD], dtype=tl.float32) + bias[None, :]
+    for k in tl.static_range(W):
+        wk = tl.load(w_base + k * s_wk, mask=md, other=0.0).to(tl.float32)
+        acc += wk[None, :] * _conv_tap(x_base, t, s_xl, j - (W - 1 - k), L, md, DIR)
+    return acc
+
+
+@triton.jit(do_not_specialize=["L"])
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr,
+):
+    """out[t] = act(bias + sum_k w[k] x[t - (W-1-k) * DIR]) for a (BT, BD) tile; DIR = -1 is `reverse`."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    md = offs_d < DIM
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    x_base = x_ptr + b * s_xb + offs_d[None, :] * s_xd
+    pre = _conv_pre(x_base, w_ptr + offs_d * s_wd, bias, t, s_xl, s_wk, 0, L, md, W, DIR, BT, BD)
+    if SILU:
+        pre = pre * _sigmoid(pre)
+    mt = t < L
+    tl.store(out_ptr + b * s_ob + t[:, None] * s_ol + offs_d[None, :] * s_od, pre.to(out_ptr.dtype.element_ty),
+             mask=mt[:, None] & md[None, :])
+
+
+@triton.jit(do_not_specialize=["L"])
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, DIM, L,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr,
+):
+    """One pass, no scratch: dx[t] = sum_j w[W-1-j] dpre[t + j] needs dpre W-1 steps ahead, so the tile
+    recomputes the pre-activations there (from L1-resident x) instead of reading a stored dpre.
+    dw and dbias: per-tile partial sums, (tiles, W, D) and (tiles, D), summed by the caller."""
+    pid_t = tl.program_id(0)
+    t = pid_t * BT + tl.arange(0, BT)
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    md = offs_d < DIM
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    x_base = x_ptr + b * s_xb + offs_d[None, :] * s_xd
+    g_base = go_ptr + b * s_gb + offs_d[None, :] * s_gd
+    w_base = w_ptr + offs_d * s_wd
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    tile = b * tl.num_programs(0) + pid_t
+    for j in tl.static_range(W):
+        dpre = _conv_tap(g_base, t, s_gl, j, L, md, DIR)  # dout at t + j (0 outside the sequence)
+        if SILU:
+            pre = _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, W, DIR, BT, BD)
+            sg = _sigmoid(pre)
+            dpre = dpre * sg * (1.0 + pre * (1.0 - sg))
+        wj = tl.load(w_base + (W - 1 - j) * s_wk, mask=md, other=0.0).to(tl.float32)
+        dx += wj[None, :] * dpre
+        if j == 0:  # this tile's own positions: the weight and bias gradients
+            for k in tl.static_range(W):
+                xk = _conv_tap(x_base, t, s_xl, -(W - 1 - k), L, md, DIR)
+                tl.store(dwp_ptr + (tile * W + k) * DIM + offs_d, tl.sum(dpre * xk, axis=0), mask=md)
+            tl.store(dbp_ptr + tile * DIM + offs_d, tl.sum(dpre, axis=0), mask=md)
+    mt = t < L
+    tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxl + offs_d[None, :] * s_dxd, dx.to(dx_ptr.dtype.element_ty),
+             mask=mt[:, None] & md[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations: (BD, num_warps). BD >= 32 * num_warps keeps all N states of a channel in one
+# thread (see the module docstring); BD = 64 * num_warps gives each thread two channels.
+# ----------------------------------------------------------------------------------------------------
+
+FWD_CONFIGS = ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2))
+# the backward kernels hold ~3 state tiles plus B_t, C_t: two channels per thread spill, so one only
+BWD_CONFIGS = ((32, 1), (64, 2), (128, 4))
+DEFAULT_SCAN_CONFIG = (64, 2)
+TUNE_MIN_CHANNELS = 8192  # batch * d below this: small problems (tests) skip tuning and its compiles
+_TUNED: dict[tuple, tuple[int, int]] = {}
+
+
+def _choose(kind: str, key: tuple, channels: int, launch, configs, default=DEFAULT_SCAN_CONFIG):
+    """Pick (BD, num_warps) for one kernel and problem: the env override WDM_TRITON_SCAN_CONFIG="BD,warps"
+    (profiling), the default for small problems and the interpreter, else the fastest config measured once
+    on the real arguments (every config writes only its own outputs, so trial runs are harmless)."""
+    override = os.environ.get("WDM_TRITON_SCAN_CONFIG")
+    if override:
+        bd, warps = (int(v) for v in override.split(","))
+        return bd, warps
+    if INTERPRET or channels < TUNE_MIN_CHANNELS:
+        return default
+    full_key = (kind, *key)
+    if full_key not in _TUNED:
+        timings = {}
+        for cfg in configs:
+            try:
+                timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except (OutOfResources, PTXASError):  # a config that does not fit is skipped
+                continue
+        _TUNED[full_key] = min(timings, key=timings.get)
+    return _TUNED[full_key]
+
+
+def tuned_configs() -> dict[str, tuple[int, int]]:
+    """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps)}."""
+    return {" ".join(str(k) for k in key): cfg for key, cfg in _TUNED.items()}
+
+
+def _bdl(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, d, L) strides of a (batch, d, L) tensor."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty (batch, d, L) tensor in x's memory order: (batch, L, d) memory viewed transposed when x is
+    channel-contiguous (what the model passes and wants back), else plain contiguous."""
+    batch, d, length = x.shape
+    dtype = dtype or x.dtype
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty(batch, length, d, device=x.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(batch, d, length, device=x.device, dtype=dtype)
+
+
+def _pack_bc(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """B_t and C_t of every step side by side in fp32, N zero-padded to a power of two: (batch, L, 2, NP).
+    Every thread needs all N of them each step; one small copy (2 * batch * L * NP floats) saves each
+    program per step the masks and bf16 conversions of 2N scalar loads."""
+    batch, n, length = B.shape
+    bc = B.new_zeros(batch, length, 2, triton.next_power_of_2(n), dtype=torch.float32)
+    bc[:, :, 0, :n] = B.transpose(1, 2)
+    bc[:, :, 1, :n] = C.transpose(1, 2)
+    return bc
+
+
+def _flags(D, z, delta_bias, delta_softplus, reverse, n):
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), NP=triton.next_power_of_2(n))
+
+
+def _key(u, delta, B, z, flags):
+    """What makes a tuned config reusable: sizes, dtypes, layouts and the compile-time flags."""
+    return (*u.shape, B.shape[1], str(u.dtype), str(B.dtype), u.stride(1) == 1, delta.stride(1) == 1,
+            None if z is None else z.stride(1) == 1, *sorted(flags.items()))
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    batch, d, length = u.shape
+    n = A.shape[1]
+    y = _empty_like_layout(u)
+    At = A.t().contiguous()  # (N, D): see _CHANNEL_STRIDES for why the kernels want A channel-contiguous
+    bc = _pack_bc(B, C)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n)
+    zz = z if z is not None else u  # never read when HAS_Z is off; any valid pointer and strides will do
+
+    def launch(cfg):
+        bd, warps = cfg
+        _scan_fwd_kernel[(triton.cdiv(d, bd), batch)](
+            u, delta, At, bc, D, zz, delta_bias, y, batch, d, length, n,
+            *_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(y),
+            **flags, BD=bd, num_warps=warps)
+
+    launch(_choose("fwd", _key(u, delta, B, z, flags), batch * d, launch, FWD_CONFIGS))
+    return y
+
+
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """All gradients: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the input was None."""
+    batch, d, length = u.shape
+    n = A.shape[1]
+    dev = u.device
+    f32 = torch.float32
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n)
+    key = _key(u, delta, B, z, flags)
+    zz = z if z is not None else u
+    At = A.t().contiguous()
+    bc = _pack_bc(B, C)
+    chunk = CHUNK  # read at call time, so tests can shrink it to cross chunk boundaries at small L
+    nc = triton.cdiv(length, chunk)
+    dz = _empty_like_layout(z) if z is not None else None
+    dzz = dz if dz is not None else dy  # never written when HAS_Z is off
+    f = torch.empty(batch, length, d, device=dev, dtype=f32)
+    accf = torch.empty(batch, n, d, device=dev, dtype=f32)
+    ck = torch.empty(batch, nc, n, d, device=dev, dtype=f32)
+    ds = torch.empty(batch, nc, d, device=dev, dtype=f32)
+    common = (*_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(dy))
+    out = {}
+
+    def launch1(cfg):
+        bd, warps = cfg
+        out["dcp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
+        _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
+            u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
+            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+
+    launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS))
+
+    du = _empty_like_layout(u)
+    ddelta = _empty_like_layout(delta)
+    dap = torch.empty(batch, n, d, device=dev, dtype=f32)
+    ddp = torch.empty(batch, d, device=dev, dtype=f32)
+    dbiasp = torch.empty(batch, d, device=dev, dtype=f32)
+
+    def launch2(cfg):
+        bd, warps = cfg
+        out["dbp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
+        _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
+            u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
+            du, ddelta, out["dbp"], dap, ddp, dbiasp,
+            batch, d, length, n, *common, *_bdl(du), *_bdl(ddelta),
+            **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+
+    launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS))
+
+    # partial sums over channel blocks / batch rows: deterministic, unlike atomics
+    dB = out["dbp"].sum(1).to(B.dtype).transpose(1, 2)
+    dC = out["dcp"].sum(1).to(C.dtype).transpose(1, 2)
+    dA = dap.sum(0).t().to(A.dtype)
+    dD = ddp.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbiasp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: the forward keeps only the inputs; the backward recomputes the states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = _scan_backward(dy, *ctx.saved_tensors, ctx.delta_softplus, ctx.reverse)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          reverse=False, **_):
+    """The selective scan (wdmctl.scan's semantics) with our Triton kernels; differentiable."""
+    if u.numel() == 0:
+        return torch.empty_like(u)
+    A = A.float()
+    D = D.float() if D is not None else None
+    delta_bias = delta_bias.float() if delta_bias is not None else None
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Causal conv1d: host side
+# ----------------------------------------------------------------------------------------------------
+
+CONV_TILE = (32, 64, 4)  # (BT, BD, num_warps): memory-bound, one tile of 2048 outputs per program
+
+
+def _conv_forward(x, weight, bias, silu, reverse):
+    batch, d, length = x.shape
+    out = _empty_like_layout(x)
+    bt, bd, warps = CONV_TILE
+    _conv_fwd_kernel[(triton.cdiv(length, bt), triton.cdiv(d, bd), batch)](
+        x, weight, bias, out, d, length, *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(out),
+        W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
+        BT=bt, BD=bd, num_warps=warps)
+    return out
+
+
+def _conv_backward(dout, x, weight, bias, silu, reverse):
+    batch, d, length = x.shape
+    width = weight.shape[1]
+    bt, bd, warps = CONV_TILE
+    nt = triton.cdiv(length, bt)
+    dx = _empty_like_layout(x)
+    dwp = torch.empty(batch * nt, width, d, device=x.device, dtype=torch.float32)
+    dbp = torch.empty(batch * nt, d, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(nt, triton.cdiv(d, bd), batch)](
+        x, weight, bias, dout, dx, dwp, dbp, d, length,
+        *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(dout), *_bdl(dx),
+        W=width, HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
+        BT=bt, BD=bd, num_warps=warps)
+    dw = dwp.sum(0).t().to(weight.dtype)
+    db = dbp.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    """Autograd wrapper for the Triton causal conv1d; the backward recomputes the activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, reverse):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu, ctx.reverse = silu, reverse
+        return _conv_forward(x, weight, bias, silu, reverse)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _conv_backward(dout, x, weight, bias, ctx.silu, ctx.reverse)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False):
+    """Depthwise causal conv1d (wdmctl.scan's semantics) with our Triton kernels: x (batch, d, L) with
+    any strides, weight (d, width <= 4), optional SiLU, `reverse` anti-causal without flipped copies.
+    Computes in fp32, returns x's dtype (like causal-conv1d)."""
+    if weight.shape[1] > 4:
+        from wdmctl.scan.torch_scan import causal_conv1d_torch  # widths over 4: no unrolled kernel
+
+        return causal_conv1d_torch(x, weight, bias, activation, reverse)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _CausalConv1dFn.apply(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------
+
+# Which causal conv1d the backend uses: ours, or the mamba backend's (causal-conv1d's kernel, falling back
+# to PyTorch). Set from `wdmctl bench scan` on the H100: see docs/triton-scan.md.
+CONV_IMPL = "triton"
+
+
+def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False):
+    """The backend's conv: the implementation that measured faster (CONV_IMPL)."""
+    if CONV_IMPL == "triton":
+        return causal_conv1d_triton(x, weight, bias, activation, reverse)
+    from wdmctl.scan.mamba_ssm_scan import causal_conv1d_mamba
+
+    return causal_conv1d_mamba(x, weight, bias, activation, reverse)
+
+
+def is_available() -> bool:
+    return torch.cuda.is_available() and not INTERPRET
+
+
+register_backend(ScanBackend(
+    name="triton",
+    selective_scan=selective_scan_triton,
+    causal_conv1d=causal_conv1d_backend,
+    is_available=is_available,
+    install_hint="pip install triton (Linux with an NVIDIA GPU; it comes with PyTorch's CUDA wheels)",
+    devices=("cuda",),
+    priority=5,  # raised above mamba_ssm's 10 only with a measured win: see docs/triton-scan.md
+))
