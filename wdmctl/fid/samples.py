@@ -113,8 +113,7 @@ def _open_folder(path: Path) -> SampleSet:
                    and not p.name.startswith("."))
     if not files:
         raise WdmError(f"{path} holds no images ({', '.join(sorted(SAMPLE_SUFFIXES))})")
-    with Image.open(files[0]) as first:
-        width, height = first.size
+    height, width = _read_rgb(files[0]).shape[:2]
     samples = SampleSet(path, "folder", len(files), height, width, _files=files)
     jpegs = sum(p.suffix.lower() in JPEG_SUFFIXES for p in files)
     if jpegs:

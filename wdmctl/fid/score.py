@@ -38,6 +38,7 @@ def score_images(images: Iterable[np.ndarray] | str | Path, ref: str | Path, num
     """
     from wdmctl.fid.inception import as_uint8_nhwc, load_inception
 
+    reference = load_reference(ref)
     found_warnings: list[str] = []
     samples_info: dict[str, Any] | None = None
     if isinstance(images, (str, Path)):
@@ -48,7 +49,7 @@ def score_images(images: Iterable[np.ndarray] | str | Path, ref: str | Path, num
                         "resolution": [images.height, images.width]}
         if num_expected is not None and images.count < num_expected and not allow_small:
             raise _too_few(images.count, num_expected)
-    reference = load_reference(ref)
+        _check_resolution(reference, (images.height, images.width))
     extractor = extractor or load_inception(inception, device, batch_size)
     for message in check_reference(reference, extractor):
         warnings.warn(message, FidWarning, stacklevel=2)
@@ -58,7 +59,9 @@ def score_images(images: Iterable[np.ndarray] | str | Path, ref: str | Path, num
                        f"`wdmctl fid ref ... --pr`")
 
     stats = FeatureStats(extractor.dims, keep=PR_FEATURES if pr else 0)
-    total = num_expected if num_expected is not None else (len(images) if isinstance(images, SampleSet) else 0)
+    total = num_expected or 0
+    if isinstance(images, SampleSet):
+        total = min(total or images.count, images.count)
     for batch in images:
         batch = as_uint8_nhwc(batch)
         if stats.count == 0:
