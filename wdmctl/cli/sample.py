@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from wdmctl.cli.app import app
+from wdmctl.cli.bench import bench_app
 
 
 @app.command("sample")
@@ -46,3 +47,31 @@ def sample(
     Console().print(f"[green]wrote[/] {summary['n']} images to {summary['out']} "
                     f"({summary['solver']}, {summary['steps']} steps, cfg {summary['cfg']}, "
                     f"{t['images_per_second']:.2f} img/s)")
+
+
+@bench_app.command("sample")
+def bench_sample(
+    presets: str = typer.Option("WDM-B/2,WDM-XL/2", help="Comma-separated presets (random weights)."),
+    backends: str = typer.Option("mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
+    batch: int = typer.Option(64, min=1, help="Images per batch."),
+    steps: int = typer.Option(50, min=1, help="Solver steps."),
+    cfgs: str = typer.Option("1.0,1.5", help="Guidance weights to time (1 = unguided, one pass per step)."),
+    precisions: str = typer.Option("bf16,fp32", help="Denoiser precisions to time."),
+    out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
+) -> None:
+    """50-step sampling throughput (images/s) per preset, scan backend, guidance and precision."""
+    import torch
+
+    from wdmctl.bench import benchmark_sampling, write_json
+    from wdmctl.scan import available_backends
+
+    usable = available_backends("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = [b for b in backends.split(",") if b]
+    rows = []
+    for preset in [p for p in presets.split(",") if p]:
+        for backend in [b for b in wanted if b in usable]:
+            for cfg in [float(c) for c in cfgs.split(",") if c]:
+                for precision in [p for p in precisions.split(",") if p]:
+                    rows.append(benchmark_sampling(preset, backend, batch, steps, cfg, precision))
+    typer.echo(write_json(out, {"benchmark": "sample", "results": rows,
+                                "skipped_backends": [b for b in wanted if b not in usable]}))
