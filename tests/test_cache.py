@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -71,6 +72,13 @@ def preprocessed(root: Path, key: str) -> torch.Tensor:
     """The image as the cache sees it: center-cropped uint8 -> float (1, 3, RES, RES) in [-1, 1]."""
     array = center_crop_resize(Image.open(root / key), RES)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def timeless_manifest(cache_dir: Path) -> dict:
+    """The manifest without its creation time, for comparing two builds."""
+    manifest = load_manifest(cache_dir)
+    manifest.pop("created")
+    return manifest
 
 
 def shard_tensors(cache_dir: Path) -> dict[str, torch.Tensor]:
@@ -170,13 +178,43 @@ def test_resumed_build_equals_uninterrupted_one(image_tree, tiny_vae, tmp_path, 
     for name in ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]:
         a, b = load_file(interrupted / name), load_file(tmp_path / "whole" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    manifests = [load_manifest(d) for d in (interrupted, tmp_path / "whole")]
-    for manifest in manifests:
-        manifest.pop("created")
-    assert manifests[0] == manifests[1]
+    assert timeless_manifest(interrupted) == timeless_manifest(tmp_path / "whole")
     # a finished cache reruns as a no-op
     again = build_cache(str(image_tree), interrupted, **args)
     assert (again.shards_reused, again.encoded_images, again.count) == (3, 0, len(IMAGES))
+
+
+def test_processes_split_shards_and_main_writes_the_manifest(image_tree, tmp_path, monkeypatch):
+    """Two "processes" (threads with a real barrier, as under `accelerate launch`) build what one does."""
+    barrier, rank = threading.Barrier(2), threading.local()
+    monkeypatch.setattr(cache_module, "_current_process", lambda device: cache_module._Process(rank.value, 2, 0))
+    monkeypatch.setattr(cache_module._Process, "barrier", lambda self: barrier.wait(timeout=60))
+    # pixels: diffusers' model loading patches torch globally and is not thread-safe (real ranks are processes)
+    args = dict(resolution=RES, vae="none", batch_size=2, shard_size=3)
+    results = {}
+
+    def run(process_rank):
+        rank.value = process_rank
+        try:
+            results[process_rank] = build_cache(str(image_tree), tmp_path / "split", **args)
+        except BaseException as err:  # surfaced by the asserts below
+            results[process_rank] = err
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [type(results[r]).__name__ for r in (0, 1)] == ["CacheSummary"] * 2, results
+    # shards 0 and 2 (3 + 2 listed images) on rank 0, shard 1 on rank 1
+    assert (results[0].encoded_images, results[1].encoded_images) == (5, 3)
+    assert results[0].count == results[1].count == len(IMAGES)
+    monkeypatch.undo()
+    build_cache(str(image_tree), tmp_path / "single", **args)
+    split, single = shard_tensors(tmp_path / "split"), shard_tensors(tmp_path / "single")
+    assert all(torch.equal(split[k], single[k]) for k in single)
+    assert timeless_manifest(tmp_path / "split") == timeless_manifest(tmp_path / "single")
 
 
 def test_different_build_is_refused_unless_overwrite(kl_cache, image_tree, tiny_vae, tmp_path):

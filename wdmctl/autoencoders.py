@@ -452,7 +452,7 @@ def benchmark_encode(taef2_dir: str | None = None, resolution: int = 256, batch_
         ms = time_fn(lambda: autoencoder.encode_moments(images), warmup=warmup, iters=iters)
         results[name] = {
             "ms_per_batch": round(ms, 3),
-            "images_per_s": round(batch_size / (ms / 1e3), 1),
+            "images_per_s": round(batch_size / (ms / 1e3), 2),
             "peak_memory_gib": peak_memory_gib(lambda: autoencoder.encode_moments(images)),
             "latent_shape": autoencoder.latent_shape(resolution),
         }

@@ -62,8 +62,9 @@ def cache(
     console.print(f"cached {summary.count} images ({classes}) as {c}x{h}x{w} with {summary.autoencoder} "
                   f"in {summary.out} ({summary.shards} shards, {summary.shards_reused} reused)", markup=False)
     if summary.encoded_images:
+        where = f" on process 0 of {summary.processes}" if summary.processes > 1 else ""
         console.print(f"encoded {summary.encoded_images} images in {summary.seconds:.1f} s "
-                      f"({summary.images_per_s:.1f} images/s)", markup=False)
+                      f"({summary.images_per_s:.1f} images/s{where})", markup=False)
     if summary.upscaled:
         console.print(f"[yellow]warning:[/] {summary.upscaled} images were smaller than {resolution} px and "
                       f"were upscaled")

@@ -23,6 +23,7 @@ noise and flip augmentation survive caching.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import torch
 from wdmctl.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
 from wdmctl.data.sources import center_crop_resize, open_source
 from wdmctl.errors import WdmError
+from wdmctl.pipeline import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "wdmctl-latent-cache"
@@ -85,6 +87,8 @@ class CacheSummary:
     autoencoder: str
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    rank: int = 0
+    processes: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -117,12 +121,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _current_process() -> _Process:
-    # `accelerate launch` sets WORLD_SIZE; importing accelerate only then keeps the plain path light
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def _current_process(device: str) -> _Process:
+    """Rank and world size from Accelerate. `accelerate launch` (torchrun underneath) sets WORLD_SIZE;
+    importing accelerate only then keeps the plain path light."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True makes Accelerate join CPU processes over gloo; otherwise it expects one GPU each
+        state = PartialState(cpu=device == "cpu")
+        if state.num_processes != launched:
+            # every process would write every shard: refuse rather than race
+            raise WdmError(f"launched as {launched} processes but Accelerate joined {state.num_processes}; "
+                           f"use `accelerate launch --multi_gpu` with --device cuda")
         return _Process(state.process_index, state.num_processes, state.local_process_index)
     return _Process()
 
@@ -236,8 +247,6 @@ def _build_identity(source, autoencoder, resolution: int, flip: bool, shard_size
 
 
 def _build_hash(build: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -318,10 +327,39 @@ def _manifest(src: str, source, autoencoder, build: dict, resolution: int, flip:
     }
 
 
-def _shard_record(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
-    return {"file": path.name, "count": int(metadata["count"]), "first_index": int(metadata["first_index"]),
-            "end_index": int(metadata["end_index"]), "upscaled": int(metadata["upscaled"]),
-            "skipped": json.loads(metadata["skipped"])}
+def _encode_shard(path: Path, first_index: int, items: list, source, autoencoder, flip: bool, batch_size: int,
+                  resolution: int, build_hash: str) -> None:
+    """Encode one shard's decoded images and write it, with the metadata that makes it self-describing."""
+    readable = [(i, pixels, upscaled) for i, pixels, upscaled, error in items if error is None]
+    skipped = [{"file": source.keys[i], "error": error} for i, _, _, error in items if error is not None]
+    if readable:
+        pixels = torch.from_numpy(np.stack([p for _, p, _ in readable])).permute(0, 3, 1, 2)
+        tensors = _encode_variants(pixels, autoencoder, flip, batch_size)
+    else:
+        tensors = _empty_tensors(autoencoder, flip, resolution)
+    indices = [i for i, _, _ in readable]
+    labels = [source.labels[i] for i in indices] if source.labels is not None else [0] * len(indices)
+    tensors["label"] = torch.tensor(labels, dtype=torch.int64)
+    tensors["index"] = torch.tensor(indices, dtype=torch.int64)
+    _write_shard(path, tensors, {
+        "format": FORMAT, "build": build_hash, "first_index": str(first_index),
+        "end_index": str(first_index + len(items)), "count": str(len(readable)),
+        "upscaled": str(sum(up for _, _, up in readable)), "skipped": json.dumps(skipped),
+    })
+
+
+def _shard_records(out: Path, num_shards: int, build_hash: str) -> list[dict[str, Any]]:
+    """Every shard's counts and skipped files, from the shard headers (no tensor data is read)."""
+    records = []
+    for shard in range(num_shards):
+        path = out / shard_name(shard)
+        metadata = read_shard_metadata(path)
+        if metadata is None or metadata.get("build") != build_hash:
+            raise WdmError(f"{path} is missing or from another build after encoding; rerun the same command")
+        records.append({"file": path.name, "count": int(metadata["count"]),
+                        "first_index": int(metadata["first_index"]), "end_index": int(metadata["end_index"]),
+                        "upscaled": int(metadata["upscaled"]), "skipped": json.loads(metadata["skipped"])})
+    return records
 
 
 def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_AUTOENCODER,
@@ -339,7 +377,7 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     if dtype not in DTYPES:
         raise WdmError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    process = _current_process()
+    process = _current_process(device)
     source = open_source(src)
     if len(source) == 0:
         raise WdmError(f"{src}: no images found (looked for .png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .ppm)")
@@ -349,8 +387,6 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     build_hash = _build_hash(build)
     _prepare_out(out, build, overwrite, process)
     if process.is_main and not (out / MANIFEST).exists():
-        from wdmctl.pipeline import write_json_atomic
-
         write_json_atomic(out / MANIFEST, _manifest(src, source, autoencoder, build, resolution, flip,
                                                     shard_size, None))
     process.barrier()
@@ -371,24 +407,10 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
         progress.start(sum(shard_images(s) for s in mine), sum(shard_images(s) for s in reused))
     started = time.perf_counter()
     encoded = 0
-    for shard, items in _decoded_shards(source, todo, shard_size, resolution, workers or min(8, os.cpu_count() or 1)):
-        readable = [(i, pixels, up) for i, pixels, up, error in items if error is None]
-        skipped = [{"file": source.keys[i], "error": error} for i, _, _, error in items if error is not None]
-        if readable:
-            pixels = torch.from_numpy(np.stack([p for _, p, _ in readable])).permute(0, 3, 1, 2)
-            tensors = _encode_variants(pixels, autoencoder, flip, batch_size)
-        else:
-            tensors = _empty_tensors(autoencoder, flip, resolution)
-        indices = [i for i, _, _ in readable]
-        labels = [source.labels[i] for i in indices] if source.labels is not None else [0] * len(indices)
-        tensors["label"] = torch.tensor(labels, dtype=torch.int64)
-        tensors["index"] = torch.tensor(indices, dtype=torch.int64)
-        first = shard * shard_size
-        _write_shard(out / shard_name(shard), tensors, {
-            "format": FORMAT, "build": build_hash, "first_index": str(first),
-            "end_index": str(first + len(items)), "count": str(len(readable)),
-            "upscaled": str(sum(up for _, _, up in readable)), "skipped": json.dumps(skipped),
-        })
+    decode_threads = workers or min(8, os.cpu_count() or 1)
+    for shard, items in _decoded_shards(source, todo, shard_size, resolution, decode_threads):
+        _encode_shard(out / shard_name(shard), shard * shard_size, items, source, autoencoder, flip, batch_size,
+                      resolution, build_hash)
         encoded += len(items)
         if progress is not None:
             progress.advance(len(items))
@@ -396,13 +418,7 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     process.barrier()
 
     # every process reads the (small) shard headers, so all agree on the totals and on failure
-    records = []
-    for shard in range(num_shards):
-        path = out / shard_name(shard)
-        metadata = read_shard_metadata(path)
-        if metadata is None or metadata.get("build") != build_hash:
-            raise WdmError(f"{path} is missing or from another build after encoding; rerun the same command")
-        records.append(_shard_record(path, metadata))
+    records = _shard_records(out, num_shards, build_hash)
     count = sum(r["count"] for r in records)
     skipped = [s for r in records for s in r["skipped"]]
     if count == 0:
@@ -415,15 +431,14 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
         raise WdmError(f"none of the {len(source)} images in {src} could be read "
                        f"(first: {first['file']}: {first['error']})")
     if process.is_main:
-        from wdmctl.pipeline import write_json_atomic
-
         write_json_atomic(out / MANIFEST, _manifest(src, source, autoencoder, build, resolution, flip,
                                                     shard_size, records))
     process.barrier()
     return CacheSummary(out=out, count=count, skipped=skipped, upscaled=sum(r["upscaled"] for r in records),
                         shards=num_shards, shards_reused=len(reused), encoded_images=encoded, seconds=seconds,
                         latent_shape=autoencoder.latent_shape(resolution), autoencoder=autoencoder.spec,
-                        num_classes=source.num_classes, class_names=list(source.class_names))
+                        num_classes=source.num_classes, class_names=list(source.class_names),
+                        rank=process.rank, processes=process.world)
 
 
 # ---- reader -------------------------------------------------------------------------------------------
