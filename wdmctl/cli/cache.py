@@ -44,7 +44,7 @@ def cache(
     batch_size: int = typer.Option(64, min=1, max=4096, help="Images per encoder batch."),
     device: Device = typer.Option(Device.cpu, help="Where to encode; under `accelerate launch` each process "
                                                    "takes its own GPU."),
-    workers: int = typer.Option(None, min=1, max=256, help="Image-decoding threads [default: min(8, CPUs)]."),
+    workers: int = typer.Option(None, min=1, max=256, help="Image-decoding threads (default: min(8, CPUs))."),
 ) -> None:
     """Encode SRC into a sharded latent cache (image + flip; KL mean/std, TAEF2 latents or pixels)."""
     from wdmctl.data.cache import build_cache, is_main_process
