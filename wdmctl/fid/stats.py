@@ -53,31 +53,27 @@ class FeatureStats:
         return mu, sigma
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64.
 
-    The square root of a product of near-singular covariances (fewer images than dimensions) can come out
-    non-finite; then both covariances get `eps` on the diagonal, as pytorch-fid does. Rounding leaves a
-    tiny imaginary part, which is dropped; a large one means the statistics are broken.
+    Tr((sigma1 sigma2)^(1/2)) is the sum of the square roots of the eigenvalues of
+    sigma1^(1/2) sigma2 sigma1^(1/2), a symmetric PSD matrix: two `eigh` calls instead of scipy's
+    general `sqrtm` (the same value to ~1e-9, several times faster at 2048-d, and no complex
+    round-off or eps offset needed when there are fewer images than dimensions).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise WdmError(f"statistics have different shapes: mu {mu1.shape} vs {mu2.shape}, "
                        f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise WdmError("the covariance matrices hold non-finite values: the statistics are broken")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imaginary = np.max(np.abs(np.diagonal(covmean).imag))
-        if imaginary > 1e-3:
-            raise WdmError(f"the covariance square root has an imaginary part of {imaginary:.3g}: "
-                           f"the statistics are degenerate")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    values, vectors = linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = root1 @ sigma2 @ root1
+    trace_covmean = np.sqrt(np.clip(linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
 
 
 def _distance_chunks(a: np.ndarray, b: np.ndarray, chunk: int = 1024):
