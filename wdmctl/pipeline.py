@@ -57,7 +57,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], online_model=None,
