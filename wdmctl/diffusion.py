@@ -28,9 +28,9 @@ def make_noise_scheduler(
     )
 
 
-def make_sampler(train_config: dict[str, Any], solver: str, guided: bool, timestep_spacing: str = "linspace"):
-    """A sampler that shares the training scheduler's betas. `dpm++` picks order 2 for guided sampling and
-    order 3 for unguided when asked for `dpm++2m`/`dpm++3m` explicitly it does exactly that."""
+def make_sampler(train_config: dict[str, Any], solver: str, *, timestep_spacing: str = "linspace"):
+    """A diffusers scheduler for `solver` with exactly the training schedule's betas and an explicit
+    timestep spacing (recorded in sample metadata). `dpm++2m`/`dpm++3m` are DPM-Solver++ of order 2/3."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            UniPCMultistepScheduler)
 

@@ -196,7 +196,7 @@ def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, label
         if conditional and labels is not None:
             y = torch.tensor(list(labels[start:start + batch_size]), device=device, dtype=torch.long)
         generators = [torch.Generator(device).manual_seed(int(s) + 1) for s in chunk] if stochastic else None
-        sampler = make_sampler(dict(scheduler_config), solver, guided)
+        sampler = make_sampler(dict(scheduler_config), solver)
         z = denoise_loop(denoise, sampler, noise, y, num_classes if conditional else None, cfg, steps, generators)
         yield to_uint8(decode(z))
 

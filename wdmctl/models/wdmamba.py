@@ -163,7 +163,9 @@ class MambaBlock(nn.Module):
 
     def forward(self, x, modulation, skip=None, orders=None):
         if self.skip_linear is not None:
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+            # back to the residual stream's dtype: under bf16 autocast the stream stays fp32 (no bf16 drift
+            # accumulating over 26 blocks, a cause of the NaNs Mamba diffusion users report)
+            x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
         shift, scale, gate = (modulation + self.scale_shift_table[None]).unbind(1)
         h = modulate(self.norm(x), shift, scale)
         column = self.order.startswith("column")
