@@ -14,7 +14,7 @@ def bench_scan(
     d_state: int = typer.Option(16, min=1, help="N, the state size."),
     dtype: str = typer.Option("bfloat16", help="Input dtype: bfloat16, float16 or float32."),
     backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
-    iters: int = typer.Option(20, min=1, help="Timed iterations (median reported)."),
+    iters: int = typer.Option(10, min=1, help="Timed groups of 5 back-to-back calls (median per call reported)."),
     profile: bool = typer.Option(True, help="Add a per-kernel GPU-time profile of the triton backend."),
     out: str = typer.Option(None, help="Also write the JSON here."),
 ) -> None:

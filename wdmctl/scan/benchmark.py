@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from wdmctl.bench import time_fn
 from wdmctl.scan import available_backends, causal_conv1d, selective_scan
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
@@ -54,21 +53,40 @@ def essential_bytes(batch: int, d: int, length: int, n: int, esize: int) -> tupl
     return fwd, fwd + bwd
 
 
+def time_per_call(fn, calls: int = 5, groups: int = 10, warmup: int = 3) -> float:
+    """Median ms per call of fn, timed with CUDA events around `calls` back-to-back calls: the steady state
+    of a training loop, where the host queues work ahead of the GPU and Python overhead overlaps it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
-    """Median forward and forward+backward ms of one backend on inputs x."""
+    """Median forward and forward+backward ms of one backend on inputs x. The backward is
+    torch.autograd.grad with respect to the inputs as given: no gradient accumulation into leaves, no copies
+    into the leaves' layouts, only what the scan itself costs."""
     opts = dict(delta_softplus=True, backend=backend)
     with torch.no_grad():
-        fwd = time_fn(lambda: selective_scan(**x, **opts), warmup=3, iters=iters)
+        fwd = time_per_call(lambda: selective_scan(**x, **opts), groups=iters)
     leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
     dy = torch.randn_like(selective_scan(**x, **opts))
 
     def step():
         out = selective_scan(**leaves, **opts)
-        out.backward(dy)
-        for v in leaves.values():
-            v.grad = None
+        torch.autograd.grad(out, list(leaves.values()), dy)
 
-    both = time_fn(step, warmup=3, iters=iters)
+    both = time_per_call(step, groups=iters)
     return {"forward_ms": round(fwd, 4), "forward_backward_ms": round(both, 4)}
 
 
@@ -90,7 +108,7 @@ def _profile_kernels(fn, iters: int = 5) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["us_per_call"])[:12]
 
 
-def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 20,
+def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 10,
                    backends=("torch", "mamba_ssm", "triton"), profile: bool = True) -> dict[str, Any]:
     """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
     triton backend, where its time goes (per-kernel profile)."""
@@ -133,8 +151,11 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                 x = scan_inputs(batch, d, length, n, dtype, "model")
                 leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
 
+                dy = torch.randn(batch, d, length, device="cuda", dtype=dtype)
+
                 def step():
-                    selective_scan(**leaves, delta_softplus=True, backend="triton").sum().backward()
+                    out = selective_scan(**leaves, delta_softplus=True, backend="triton")
+                    torch.autograd.grad(out, list(leaves.values()), dy)
 
                 payload["triton_profile"][f"{batch}x{d}x{length}"] = _profile_kernels(step)
     payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
@@ -163,7 +184,7 @@ def _speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
-def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, iters: int = 20) -> list[dict]:
+def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, iters: int = 10) -> list[dict]:
     """Causal conv1d + SiLU forward and forward+backward ms: torch, causal-conv1d (via mamba_ssm's route)
     and triton, on a (batch, d, L) view of (batch, L, d) memory like the model's."""
     from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
@@ -183,15 +204,14 @@ def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, 
         b = torch.randn(d, device="cuda") * 0.1
         for name, fn in impls.items():
             with torch.no_grad():
-                fwd = time_fn(lambda: fn(x, w, b, "silu"), warmup=3, iters=iters)
+                fwd = time_per_call(lambda: fn(x, w, b, "silu"), groups=iters)
             xs, ws, bs = (v.detach().requires_grad_(True) for v in (x, w, b))
             dy = torch.randn(batch, d, length, device="cuda", dtype=dtype)
 
             def step():
-                fn(xs, ws, bs, "silu").backward(dy)
-                xs.grad = ws.grad = bs.grad = None
+                torch.autograd.grad(fn(xs, ws, bs, "silu"), [xs, ws, bs], dy)
 
-            both = time_fn(step, warmup=3, iters=iters)
+            both = time_per_call(step, groups=iters)
             rows.append(dict(impl=name, batch=batch, d=d, length=length, width=width,
                              forward_ms=round(fwd, 4), forward_backward_ms=round(both, 4)))
     return rows

@@ -43,22 +43,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Elementwise helpers (per channel, not per state: their cost is amortised over N)
+# Elementwise helpers (per channel, not per state). With one channel per thread they are not amortised
+# over anything, so they use the hardware approximations (ex2/lg2/rcp, ~2 ulp) instead of the accurate
+# library log and IEEE division, which cost ~60 instructions per step (measured in the SASS).
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    return tl.fdiv(1.0, 1.0 + tl.exp2(-x * LOG2E))
 
 
 @triton.jit
-def _softplus(x):
-    """log1p(exp(x)) for x <= 20, x above (torch's and mamba-ssm's threshold). log1p via Kahan's
-    log(w) * e / (w - 1), exact where plain log(1 + e) loses the small-delta digits."""
-    e = tl.exp(tl.minimum(x, 20.0))
+def _softplus_and_slope(x):
+    """(softplus(x), its derivative sigmoid(x)): log1p(exp(x)) for x <= 20, x above (torch's and mamba-ssm's
+    threshold). log1p via Kahan's log(w) * e / (w - 1), w = 1 + e: exact where plain log(1 + e) loses the
+    digits of a small delta (softplus of -7 is 1e-3)."""
+    e = tl.exp2(tl.minimum(x, 20.0) * LOG2E)
     w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(x <= 20.0, lp, x)
+    wm1 = w - 1.0
+    lp = tl.where(wm1 == 0.0, e, tl.log2(w) * LN2 * tl.fdiv(e, tl.where(wm1 == 0.0, 1.0, wm1)))
+    small = x <= 20.0
+    return tl.where(small, lp, x), tl.where(small, tl.fdiv(e, w), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,6 +79,7 @@ def _softplus(x):
 # loads stay coalesced (32 neighbouring channels per warp instruction), just not vectorised.
 _CHANNEL_STRIDES = ["s_ud", "s_dd", "s_zd", "s_yd", "s_gd", "s_dzd", "s_dud", "s_ddd"]
 
+
 @triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
@@ -83,7 +89,8 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
 ):
-    """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D) fp32."""
+    """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D)
+    fp32; bc_ptr holds B_t and C_t side by side, (batch, L, 2, NP) fp32 (see _pack_bc)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -100,8 +107,6 @@ def _scan_fwd_kernel(
     pdl = dl_ptr + b * s_db + offs_d * s_dd
     pz = z_ptr + b * s_zb + offs_d * s_zd
     py = y_ptr + b * s_yb + offs_d * s_yd
-    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
-    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
     pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
     pc = pb + NP
 
@@ -140,7 +145,7 @@ def _scan_fwd_kernel(
         if HAS_BIAS:
             dl = dl + bias
         if SOFTPLUS:
-            dl = _softplus(dl)
+            dl, _ = _softplus_and_slope(dl)
         h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
         y = tl.sum(h * Ct[:, None], axis=0)
         if HAS_D:
@@ -163,11 +168,12 @@ def _scan_bwd1_kernel(
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    PREFETCH_BC: tl.constexpr,
 ):
     """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
-    at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk. t indexes memory; the
-    chunks are cut in scan order."""
+    at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk.
+    t indexes memory; the chunks are cut in scan order."""
     pid_d = tl.program_id(0)
     nblk = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -187,36 +193,43 @@ def _scan_bwd1_kernel(
     pz = z_ptr + b * s_zb + offs_d * s_zd
     pg = go_ptr + b * s_gb + offs_d * s_gd
     pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
-    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
-    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
     pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
     pc = pb + NP
     pf = f_ptr + b * L * DIM + offs_d
     pdc = dcp_ptr + (b * nblk + pid_d) * L * N + offs_n
     nc = tl.cdiv(L, CHUNK)
 
-    if REVERSE:
-        tn = L - 1
-    else:
-        tn = 0
-    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-    g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-    if HAS_Z:
-        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
     h = tl.zeros([NP, BD], dtype=tl.float32)
     accf = tl.zeros([NP, BD], dtype=tl.float32)
     for c in range(nc):
         start = c * CHUNK
         stop = tl.minimum(start + CHUNK, L)
+        # each chunk loads its first step afresh: nothing prefetched is carried across chunks (carrying B_t
+        # and C_t through both loops made Triton load them in another layout and convert every step)
+        if REVERSE:
+            tn = L - 1 - start
+        else:
+            tn = start
+        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+        g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+        if PREFETCH_BC:
+            b_n = tl.load(pb + tn * 2 * NP)
+            c_n = tl.load(pc + tn * 2 * NP)
+        if HAS_Z:
+            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
         loc = tl.zeros([BD], dtype=tl.float32)
         for s in range(start, stop):
             t = tn
             u = u_n.to(tl.float32)
             dl = dl_n.to(tl.float32)
             go = g_n.to(tl.float32)
-            Bt = tl.load(pb + t * 2 * NP)
-            Ct = tl.load(pc + t * 2 * NP)
+            if PREFETCH_BC:
+                Bt = b_n
+                Ct = c_n
+            else:  # 2N fewer live registers; B_t and C_t are L2-resident (shared by all channel blocks)
+                Bt = tl.load(pb + t * 2 * NP)
+                Ct = tl.load(pc + t * 2 * NP)
             if HAS_Z:
                 zt = z_n.to(tl.float32)
             if REVERSE:
@@ -226,13 +239,16 @@ def _scan_bwd1_kernel(
             u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
             dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
             g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+            if PREFETCH_BC:
+                b_n = tl.load(pb + tn * 2 * NP)
+                c_n = tl.load(pc + tn * 2 * NP)
             if HAS_Z:
                 z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
 
             if HAS_BIAS:
                 dl = dl + bias
             if SOFTPLUS:
-                dl = _softplus(dl)
+                dl, _ = _softplus_and_slope(dl)
             h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
             hc = h * Ct[:, None]
             y = tl.sum(hc, axis=0)
@@ -248,8 +264,9 @@ def _scan_bwd1_kernel(
             tl.store(pdc + t * N, tl.sum(h * g[None, :], axis=1), mask=mn)
             loc += dl
             accf += hc * (g * loc)[None, :]
+        # the chunk's delta sum and final state
         tl.store(ds_ptr + (b * nc + c) * DIM + offs_d, loc, mask=md)
-        tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)  # the last chunk's is never read
+        tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)
     tl.store(accf_ptr + b * N * DIM + nd_off, accf, mask=mnd)
 
 
@@ -268,10 +285,12 @@ def _scan_bwd2_kernel(
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    PREFETCH_BC: tl.constexpr,
 ):
     """Walks scan positions s = L-1 .. 0 (memory index t = s, or L-1-s when REVERSE). `carry` holds
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
-    reset exactly from the stored state at each chunk start."""
+    reset exactly from the stored state at each chunk start; `loc` is delta summed from the chunk start
+    to s."""
     pid_d = tl.program_id(0)
     nblk = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -280,7 +299,7 @@ def _scan_bwd2_kernel(
     offs_n = tl.arange(0, NP)
     mn = offs_n < N
     mnd = mn[:, None] & md[None, :]
-    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) fp32 scratch and A^T, channel-contiguous
+    nd_off = offs_n[:, None] * DIM + offs_d[None, :]
     A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
@@ -292,24 +311,12 @@ def _scan_bwd2_kernel(
     pg = go_ptr + b * s_gb + offs_d * s_gd
     pdu = du_ptr + b * s_dub + offs_d * s_dud
     pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
-    # B_t at pb + t * 2NP, C_t NP further (fp32, zero-padded). Its own arange: sharing offs_n with the
-    # partial-sum stores would tie these loads to a lane-distributed layout and cost a conversion each step.
     pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
     pc = pb + NP
     pf = f_ptr + b * L * DIM + offs_d
     pdb = dbp_ptr + (b * nblk + pid_d) * L * N + offs_n
     nc = tl.cdiv(L, CHUNK)
 
-    if REVERSE:
-        tn = 0
-    else:
-        tn = L - 1
-    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-    g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-    f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
-    if HAS_Z:
-        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
     acc = tl.load(accf_ptr + b * N * DIM + nd_off, mask=mnd, other=0.0)
     carry = tl.zeros([NP, BD], dtype=tl.float32)
     S = tl.zeros([BD], dtype=tl.float32)
@@ -320,15 +327,32 @@ def _scan_bwd2_kernel(
         start = c * CHUNK
         stop = tl.minimum(start + CHUNK, L)
         loc = tl.load(ds_ptr + (b * nc + c) * DIM + offs_d, mask=md, other=0.0)
+        # each chunk loads its last step afresh (see _scan_bwd1_kernel)
+        if REVERSE:
+            tn = L - stop
+        else:
+            tn = stop - 1
+        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
+        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
+        g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
+        f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
+        if PREFETCH_BC:
+            b_n = tl.load(pb + tn * 2 * NP)
+            c_n = tl.load(pc + tn * 2 * NP)
+        if HAS_Z:
+            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
         for j in range(stop - start):
-            s = stop - 1 - j
             t = tn
             u = u_n.to(tl.float32)
             raw = dl_n.to(tl.float32)
             go = g_n.to(tl.float32)
             f = f_n
-            Bt = tl.load(pb + t * 2 * NP)
-            Ct = tl.load(pc + t * 2 * NP)
+            if PREFETCH_BC:
+                Bt = b_n
+                Ct = c_n
+            else:  # 2N fewer live registers; B_t and C_t are L2-resident (shared by all channel blocks)
+                Bt = tl.load(pb + t * 2 * NP)
+                Ct = tl.load(pc + t * 2 * NP)
             if HAS_Z:
                 zt = z_n.to(tl.float32)
             if REVERSE:
@@ -339,13 +363,16 @@ def _scan_bwd2_kernel(
             dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
             g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
             f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
+            if PREFETCH_BC:
+                b_n = tl.load(pb + tn * 2 * NP)
+                c_n = tl.load(pc + tn * 2 * NP)
             if HAS_Z:
                 z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
 
             if HAS_BIAS:
                 raw = raw + bias
             if SOFTPLUS:
-                dl = _softplus(raw)
+                dl, slope = _softplus_and_slope(raw)
             else:
                 dl = raw
             if HAS_Z:
@@ -367,13 +394,13 @@ def _scan_bwd2_kernel(
                 du += Dv * g
                 dd_acc += g * u
             if SOFTPLUS:
-                ddt = tl.where(raw <= 20.0, ddt * _sigmoid(raw), ddt)
+                ddt = ddt * slope
             dbias_acc += ddt
             tl.store(pdu + t * s_dul, du.to(du_ptr.dtype.element_ty), mask=md)
             tl.store(pddl + t * s_ddl, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
-        # chunk c is done and carry = e^{a_s} dh_s at its first step s: G_s = carry * h_{s-1} exactly,
-        # which closes chunk c-1's dA sum (G_s times that chunk's delta sum) and restarts S
-        # (for c = 0 there is no earlier chunk: read slot 0 and weigh it by 0)
+        # chunk c is done and carry = e^{a_s} dh_s at its first step s: G_s = carry * h_{s-1} exactly, which
+        # closes chunk c-1's dA sum (G_s times that chunk's delta sum) and restarts S. For c = 0 there is no
+        # earlier chunk: read slot 0 and weigh it by 0.
         cp = tl.maximum(c - 1, 0)
         hprev = tl.load(ck_ptr + (b * nc + cp) * N * DIM + nd_off, mask=mnd, other=0.0)
         dsp = tl.load(ds_ptr + (b * nc + cp) * DIM + offs_d, mask=md, other=0.0) * (c > 0).to(tl.float32)
@@ -481,21 +508,25 @@ def _conv_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 FWD_CONFIGS = ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2))
-# the backward kernels hold ~3 state tiles plus B_t, C_t: two channels per thread spill, so one only
-BWD_CONFIGS = ((32, 1), (64, 2), (128, 4))
+# The backward kernels hold ~3 state tiles plus B_t, C_t: two channels per thread spill, so one only. The
+# third element is PREFETCH_BC: B_t, C_t of the next step loaded a step early (hides their L2 latency,
+# costs 2N registers and some occupancy) or at use.
+BWD_CONFIGS = ((32, 1, True), (64, 2, True), (128, 4, True), (32, 1, False), (64, 2, False), (128, 4, False))
 DEFAULT_SCAN_CONFIG = (64, 2)
+DEFAULT_BWD_CONFIG = (64, 2, True)
 TUNE_MIN_CHANNELS = 8192  # batch * d below this: small problems (tests) skip tuning and its compiles
-_TUNED: dict[tuple, tuple[int, int]] = {}
+_TUNED: dict[tuple, tuple] = {}
 
 
-def _choose(kind: str, key: tuple, channels: int, launch, configs, default=DEFAULT_SCAN_CONFIG):
-    """Pick (BD, num_warps) for one kernel and problem: the env override WDM_TRITON_SCAN_CONFIG="BD,warps"
-    (profiling), the default for small problems and the interpreter, else the fastest config measured once
-    on the real arguments (every config writes only its own outputs, so trial runs are harmless)."""
+def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
+    """Pick a config ((BD, num_warps[, PREFETCH_BC])) for one kernel and problem: the env override
+    WDM_TRITON_SCAN_CONFIG="BD,warps" (profiling), the default for small problems and the interpreter, else
+    the fastest config measured once on the real arguments (every config writes only its own outputs, so
+    trial runs are harmless)."""
     override = os.environ.get("WDM_TRITON_SCAN_CONFIG")
     if override:
         bd, warps = (int(v) for v in override.split(","))
-        return bd, warps
+        return (bd, warps, *default[2:])
     if INTERPRET or channels < TUNE_MIN_CHANNELS:
         return default
     full_key = (kind, *key)
@@ -510,8 +541,8 @@ def _choose(kind: str, key: tuple, channels: int, launch, configs, default=DEFAU
     return _TUNED[full_key]
 
 
-def tuned_configs() -> dict[str, tuple[int, int]]:
-    """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps)}."""
+def tuned_configs() -> dict[str, tuple]:
+    """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps[, PREFETCH_BC])}."""
     return {" ".join(str(k) for k in key): cfg for key, cfg in _TUNED.items()}
 
 
@@ -568,7 +599,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
             *_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(y),
             **flags, BD=bd, num_warps=warps)
 
-    launch(_choose("fwd", _key(u, delta, B, z, flags), batch * d, launch, FWD_CONFIGS))
+    launch(_choose("fwd", _key(u, delta, B, z, flags), batch * d, launch, FWD_CONFIGS, DEFAULT_SCAN_CONFIG))
     return y
 
 
@@ -595,13 +626,14 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     out = {}
 
     def launch1(cfg):
-        bd, warps = cfg
+        bd, warps, prefetch = cfg
         out["dcp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
         _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
-            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, PREFETCH_BC=prefetch,
+            num_warps=warps)
 
-    launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS))
+    launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
 
     du = _empty_like_layout(u)
     ddelta = _empty_like_layout(delta)
@@ -610,15 +642,15 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     dbiasp = torch.empty(batch, d, device=dev, dtype=f32)
 
     def launch2(cfg):
-        bd, warps = cfg
+        bd, warps, prefetch = cfg
         out["dbp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
         _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
             du, ddelta, out["dbp"], dap, ddp, dbiasp,
             batch, d, length, n, *common, *_bdl(du), *_bdl(ddelta),
-            **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+            **flags, BD=bd, CHUNK=chunk, PREFETCH_BC=prefetch, num_warps=warps)
 
-    launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS))
+    launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
 
     # partial sums over channel blocks / batch rows: deterministic, unlike atomics
     dB = out["dbp"].sum(1).to(B.dtype).transpose(1, 2)
@@ -659,35 +691,52 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 # Causal conv1d: host side
 # ----------------------------------------------------------------------------------------------------
 
-CONV_TILE = (32, 64, 4)  # (BT, BD, num_warps): memory-bound, one tile of 2048 outputs per program
+# (BT, BD, num_warps) tiles; memory-bound, so the tuner mostly trades halo re-reads against occupancy
+CONV_FWD_CONFIGS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (16, 128, 4))
+CONV_BWD_CONFIGS = ((32, 64, 4), (16, 64, 2), (16, 128, 4), (64, 64, 8), (32, 32, 2))
+
+
+def _conv_key(x, weight, bias, silu, reverse):
+    return (*x.shape, weight.shape[1], str(x.dtype), x.stride(1) == 1, bias is not None, silu, reverse)
 
 
 def _conv_forward(x, weight, bias, silu, reverse):
     batch, d, length = x.shape
     out = _empty_like_layout(x)
-    bt, bd, warps = CONV_TILE
-    _conv_fwd_kernel[(triton.cdiv(length, bt), triton.cdiv(d, bd), batch)](
-        x, weight, bias, out, d, length, *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(out),
-        W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
-        BT=bt, BD=bd, num_warps=warps)
+
+    def launch(cfg):
+        bt, bd, warps = cfg
+        _conv_fwd_kernel[(triton.cdiv(length, bt), triton.cdiv(d, bd), batch)](
+            x, weight, bias, out, d, length, *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(out),
+            W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
+            BT=bt, BD=bd, num_warps=warps)
+
+    key = _conv_key(x, weight, bias, silu, reverse)
+    launch(_choose("conv_fwd", key, batch * d, launch, CONV_FWD_CONFIGS, CONV_FWD_CONFIGS[0]))
     return out
 
 
 def _conv_backward(dout, x, weight, bias, silu, reverse):
     batch, d, length = x.shape
     width = weight.shape[1]
-    bt, bd, warps = CONV_TILE
-    nt = triton.cdiv(length, bt)
     dx = _empty_like_layout(x)
-    dwp = torch.empty(batch * nt, width, d, device=x.device, dtype=torch.float32)
-    dbp = torch.empty(batch * nt, d, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(nt, triton.cdiv(d, bd), batch)](
-        x, weight, bias, dout, dx, dwp, dbp, d, length,
-        *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(dout), *_bdl(dx),
-        W=width, HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
-        BT=bt, BD=bd, num_warps=warps)
-    dw = dwp.sum(0).t().to(weight.dtype)
-    db = dbp.sum(0).to(bias.dtype) if bias is not None else None
+    out = {}
+
+    def launch(cfg):
+        bt, bd, warps = cfg
+        nt = triton.cdiv(length, bt)
+        out["dwp"] = torch.empty(batch * nt, width, d, device=x.device, dtype=torch.float32)
+        out["dbp"] = torch.empty(batch * nt, d, device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[(nt, triton.cdiv(d, bd), batch)](
+            x, weight, bias, dout, dx, out["dwp"], out["dbp"], d, length,
+            *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(dout), *_bdl(dx),
+            W=width, HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
+            BT=bt, BD=bd, num_warps=warps)
+
+    key = _conv_key(x, weight, bias, silu, reverse)
+    launch(_choose("conv_bwd", key, batch * d, launch, CONV_BWD_CONFIGS, CONV_BWD_CONFIGS[0]))
+    dw = out["dwp"].sum(0).t().to(weight.dtype)
+    db = out["dbp"].sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
 
 

@@ -1,0 +1,321 @@
+"""Our Triton selective scan and causal conv1d against the fp64 oracles of tests/test_scan.py and mamba-ssm.
+
+The same kernels run two ways:
+* on a CUDA GPU (`pytest -m gpu`): compiled, every option, L up to 4100, fp32 and bf16, vs mamba-ssm too;
+* on CPU through Triton's interpreter (TRITON_INTERPRET=1) at small shapes: CI's parity tests. They need
+  triton installed and an interpreter that runs with this numpy (triton 3.9 does; 3.6's fails on numpy 2.4
+  when a loop bound is a kernel argument) and skip with the reason otherwise.
+
+Errors are relative L2 norms, ||out - ref|| / ||ref||, per output and per gradient. Tolerances:
+fp32 inputs 5e-5 (outputs) and 5e-4 (gradients); bf16 inputs 1e-2 against the oracle run on the same
+bf16-rounded inputs (the kernel computes in fp32 and rounds once); against mamba-ssm 1e-3 (fp32) / 2e-2 (bf16).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+from test_scan import make_inputs, oracle_conv, oracle_scan
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # without a GPU the kernels can only run interpreted; must be set before triton_scan is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+
+    from wdmctl.scan import triton_scan as ts
+
+    if not CUDA and not ts.INTERPRET:  # imported earlier in this process without the interpreter
+        ts = importlib.reload(ts)
+except ImportError:  # triton is not installed (the CPU venv): every test here skips
+    triton = tl = ts = None
+
+needs_triton = pytest.mark.skipif(ts is None, reason="triton is not installed")
+GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+ERRORS_OUT = os.environ.get("WDM_TRITON_TEST_ERRORS")  # a JSON-lines file to record measured errors in
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64. The norm is floored at 1e-3 * sqrt(numel) (an RMS of 1e-3 per
+    element): dA at L = 1 is exactly 0, and the kernel's value is fp32 rounding of cancelling O(1) terms."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-3 * ref.numel() ** 0.5)).item()
+
+
+def model_layout(x: dict, batch: int, d: int, length: int) -> dict:
+    """The same values re-laid-out as the model passes them: u, delta (batch, d, L) views of (batch, L, d)
+    memory, z a view of half of a (batch, L, 2d) tensor, B and C views of a (batch, L, 2N + 3) tensor."""
+    n = x["B"].shape[1]
+    xz = torch.zeros(batch, length, 2 * d, dtype=x["z"].dtype)
+    xz[..., d:] = x["z"].transpose(1, 2)
+    proj = torch.zeros(batch, length, 3 + 2 * n, dtype=x["B"].dtype)
+    proj[..., 3:3 + n], proj[..., 3 + n:] = x["B"].transpose(1, 2), x["C"].transpose(1, 2)
+    return dict(x, u=x["u"].transpose(1, 2).contiguous().transpose(1, 2),
+                delta=x["delta"].transpose(1, 2).contiguous().transpose(1, 2),
+                z=xz[..., d:].transpose(1, 2), B=proj[..., 3:3 + n].transpose(1, 2), C=proj[..., 3 + n:].transpose(1, 2))
+
+
+def scan_case(length, batch=2, d=64, n=16, dtype=torch.float32, layout="model", drop=(), softplus=True):
+    """Inputs (on CPU) for one case; `drop` names optional inputs to leave out."""
+    x = make_inputs(length, batch=batch, d=d, n=n)
+    if not softplus:  # keep delta * A <= 0 without softplus, as the model's softplus would
+        x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
+    x = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    if layout == "model":
+        x = model_layout(x, batch, d, length)
+    elif layout == "strided":  # every other element of wider tensors: no unit stride anywhere
+        x = {k: (torch.stack([v, v], -1)[..., 0] if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+    for k in drop:
+        x[k] = None
+    return x
+
+
+def compare_with_oracle(x, device, softplus=True, reverse=False, seed=0):
+    """Triton output and gradients vs the fp64 oracle on the same (rounded) inputs: {name: rel error}."""
+    ref_in = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    ref = oracle_scan(**ref_in, delta_softplus=softplus, reverse=reverse)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (ref * dy).sum().backward()
+    ins = {k: (v.to(device).detach().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    out = ts.selective_scan_triton(**ins, delta_softplus=softplus, reverse=reverse)
+    assert out.dtype == x["u"].dtype and out.shape == ref.shape
+    out.backward(dy.to(device=device, dtype=out.dtype))
+    errs = {"y": rel(out, ref)}
+    for k in GRADS:
+        if x[k] is not None:
+            assert ins[k].grad is not None and ins[k].grad.shape == x[k].shape, k
+            errs["d" + k] = rel(ins[k].grad, ref_in[k].grad)
+    return errs
+
+
+def check(errs: dict, tol_out: float, tol_grad: float, label: str) -> None:
+    if ERRORS_OUT:
+        with open(ERRORS_OUT, "a") as fh:
+            fh.write(json.dumps({"case": label, **{k: float(f"{v:.3g}") for k, v in errs.items()}}) + "\n")
+    bad = {k: v for k, v in errs.items() if v > (tol_out if k == "y" else tol_grad)}
+    assert not bad, f"{label}: errors over tolerance {bad} (all: {errs})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the interpreter (CI)
+# ----------------------------------------------------------------------------------------------------
+
+if tl is not None:
+    @triton.jit
+    def _probe_kernel(x_ptr, n):
+        for i in range(n):  # a loop bounded by a kernel argument, like the scan's time loop
+            tl.store(x_ptr + i, i * 1.0)
+
+
+def _interpreter_problem() -> str | None:
+    """Why the interpreter can't run our kernels here, or None."""
+    if ts is None:
+        return "triton is not installed (CI: add triton to the dev install to run these)"
+    if CUDA or not ts.INTERPRET:
+        return "a GPU is present: the compiled kernels are tested by the gpu tests instead"
+    x = torch.zeros(3)
+    try:
+        _probe_kernel[(1,)](x, 3)
+    except Exception as err:  # noqa: BLE001 - any failure means this triton/numpy pair can't interpret
+        return f"triton {triton.__version__}'s interpreter fails here ({type(err).__name__}: {str(err)[:80]}); triton>=3.9 works"
+    return None if torch.equal(x, torch.tensor([0.0, 1.0, 2.0])) else "the interpreter computed a wrong probe"
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    problem = _interpreter_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 8 steps, so short sequences cross the backward pass's chunk boundaries."""
+    monkeypatch.setattr(ts, "CHUNK", 8)
+
+
+@pytest.mark.parametrize("length,reverse,layout,prefetch", [(1, False, "model", True), (9, True, "contiguous", True),
+                                                             (19, False, "model", True), (19, True, "strided", False)])
+def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch, length, reverse, layout, prefetch):
+    # d = 5 of a 64-channel block and N = 3 padded to 4 exercise both masks; both backward load schedules
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", (64, 2, prefetch))
+    x = scan_case(length, batch=1, d=5, n=3, layout=layout)
+    check(compare_with_oracle(x, "cpu", reverse=reverse), 5e-5, 5e-4, f"interp L={length} rev={reverse} {layout}")
+
+
+def test_interpreter_scan_without_options(interpreter, small_chunks):
+    x = scan_case(11, batch=2, d=3, n=4, layout="contiguous", drop=("z", "D", "delta_bias"), softplus=False)
+    check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp no options")
+
+
+@pytest.mark.parametrize("width,reverse", [(2, False), (4, True)])
+def test_interpreter_conv_matches_oracle(interpreter, width, reverse):
+    conv_parity("cpu", width, reverse, silu=True, layout="model")
+
+
+def conv_parity(device, width, reverse, silu, layout, dtype=torch.float32, length=11, d=6, batch=2):
+    """Triton conv output and gradients vs the fp64 oracle; asserts within 1e-5 (fp32)."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(batch, length, d, generator=g).transpose(1, 2) if layout == "model" else torch.randn(batch, d, length, generator=g)
+    w, b = torch.randn(d, width, generator=g), torch.randn(d, generator=g)
+    xd, wd, bd = (v.double().requires_grad_(True) for v in (x.to(dtype), w, b))
+    ref = oracle_conv(xd.flip(-1) if reverse else xd, wd, bd, silu)
+    ref = ref.flip(-1) if reverse else ref
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (ref * dy).sum().backward()
+    xs, ws, bs = (v.to(device).requires_grad_(True) for v in (x.to(dtype), w, b))
+    out = ts.causal_conv1d_triton(xs, ws, bs, "silu" if silu else None, reverse=reverse)
+    assert out.dtype == dtype and out.shape == x.shape
+    out.backward(dy.to(device=device, dtype=dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    errs = {"y": rel(out, ref), "dx": rel(xs.grad, xd.grad), "dweight": rel(ws.grad, wd.grad), "dbias": rel(bs.grad, bd.grad)}
+    check(errs, tol, tol, f"conv {device} w={width} rev={reverse} silu={silu} {layout} {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [1, 7, 64, 258, 1026, 4100])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_fp32_matches_oracle(length, reverse):
+    x = scan_case(length, layout="model")
+    check(compare_with_oracle(x, "cuda", reverse=reverse), 5e-5, 5e-4, f"gpu fp32 L={length} rev={reverse}")
+
+
+@pytest.mark.parametrize("length", [7, 258, 1026])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_bf16_matches_oracle(length, reverse):
+    x = scan_case(length, dtype=torch.bfloat16, layout="model")
+    check(compare_with_oracle(x, "cuda", reverse=reverse), 1e-2, 1e-2, f"gpu bf16 L={length} rev={reverse}")
+
+
+@pytest.mark.parametrize("drop,softplus", [(("z",), True), (("delta_bias",), True), (("D",), True), ((), False),
+                                           (("z", "delta_bias", "D"), False)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_optional_inputs(drop, softplus):
+    x = scan_case(258, layout="model", drop=drop, softplus=softplus)
+    check(compare_with_oracle(x, "cuda", softplus=softplus), 5e-5, 5e-4, f"gpu drop={drop} softplus={softplus}")
+
+
+@pytest.mark.parametrize("layout,d,n", [("contiguous", 64, 16), ("strided", 64, 16), ("model", 37, 12)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_layouts_and_padding(layout, d, n):
+    # 37 channels: a partial channel block; N = 12: states padded to 16
+    x = scan_case(130, d=d, n=n, layout=layout)
+    check(compare_with_oracle(x, "cuda", reverse=True), 5e-5, 5e-4, f"gpu {layout} d={d} n={n}")
+
+
+@pytest.mark.parametrize("fwd_cfg,bwd_cfg", list(zip(
+    [*(ts.FWD_CONFIGS if ts else []), *(ts.FWD_CONFIGS[:1] if ts else [])],
+    [*(ts.BWD_CONFIGS if ts else [])])))
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_every_tuning_config(monkeypatch, fwd_cfg, bwd_cfg):
+    # the autotuner may pick any of these on the benchmark's shapes: each must be right (bf16 inputs with
+    # every option, as the benchmark times them, so the compiled kernels are the same)
+    monkeypatch.setattr(ts, "DEFAULT_SCAN_CONFIG", fwd_cfg)
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", bwd_cfg)
+    x = scan_case(130, d=256, dtype=torch.bfloat16, layout="model")
+    check(compare_with_oracle(x, "cuda"), 1e-2, 1e-2, f"gpu config fwd={fwd_cfg} bwd={bwd_cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_output_layout_and_determinism():
+    # channel-contiguous inputs give channel-contiguous outputs (what the model's out_proj wants), and two
+    # runs agree bit for bit (partial sums, no atomics)
+    x = {k: (v.cuda() if v is not None else None) for k, v in scan_case(300, batch=4, d=256, dtype=torch.bfloat16).items()}
+    leaves = [{k: v.detach().requires_grad_(True) for k, v in x.items()} for _ in range(2)]
+    outs = []
+    for ins in leaves:
+        out = ts.selective_scan_triton(**ins, delta_softplus=True)
+        out.float().square().sum().backward()
+        outs.append(out)
+    assert outs[0].stride(1) == 1 and leaves[0]["u"].grad.stride(1) == 1
+    assert torch.equal(outs[0], outs[1])
+    for k in GRADS:
+        assert torch.equal(leaves[0][k].grad, leaves[1][k].grad), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [258, 1026])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_matches_mamba_ssm(dtype, length):
+    pytest.importorskip("mamba_ssm")
+    from wdmctl.scan.benchmark import scan_inputs
+
+    x = scan_inputs(4, 256, length, 16, dtype, "model", seed=length)
+    dy = torch.randn(4, 256, length, device="cuda", dtype=dtype)
+    results = []
+    for backend in ("mamba_ssm", "triton"):
+        ins = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        from wdmctl.scan import selective_scan
+
+        out = selective_scan(**ins, delta_softplus=True, backend=backend)
+        out.backward(dy)
+        results.append((out, {k: ins[k].grad for k in GRADS}))
+    (ref, ref_g), (out, out_g) = results
+    errs = {"y": rel(out, ref), **{"d" + k: rel(out_g[k], ref_g[k]) for k in GRADS}}
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    check(errs, tol, tol, f"gpu vs mamba_ssm {dtype} L={length}")
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_conv_matches_oracle(width, reverse, silu):
+    conv_parity("cuda", width, reverse, silu, "model", length=300, d=70)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_conv_matches_causal_conv1d():
+    pytest.importorskip("causal_conv1d")
+    from wdmctl.scan.mamba_ssm_scan import causal_conv1d_mamba
+
+    x = torch.randn(4, 300, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w, b = torch.randn(128, 4, device="cuda") * 0.3, torch.randn(128, device="cuda")
+    dy = torch.randn(4, 128, 300, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (causal_conv1d_mamba, ts.causal_conv1d_triton):
+        xs, ws, bs = (v.detach().requires_grad_(True) for v in (x, w, b))
+        out = fn(xs, ws, bs, "silu")
+        out.backward(dy)
+        results.append((out, xs.grad, ws.grad, bs.grad))
+    errs = dict(zip(("y", "dx", "dweight", "dbias"), (rel(a, r) for a, r in zip(results[1], results[0]))))
+    check(errs, 1e-2, 1e-2, "gpu conv vs causal_conv1d bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_backend_behind_the_interface():
+    from wdmctl.scan import BACKENDS, available_backends, causal_conv1d, resolve_backend, selective_scan
+
+    assert "triton" in available_backends("cuda")
+    assert resolve_backend("triton", "cuda").name == "triton"
+    best = max((BACKENDS[b] for b in available_backends("cuda")), key=lambda b: b.priority)
+    assert resolve_backend("auto", "cuda") is best
+    x = {k: (v.cuda() if v is not None else None) for k, v in scan_case(33).items()}
+    out = selective_scan(**x, delta_softplus=True, reverse=True, backend="triton")
+    ref = oracle_scan(**{k: (v.cpu() if v is not None else None) for k, v in x.items()}, delta_softplus=True, reverse=True)
+    assert rel(out, ref) < 5e-5
+    y = causal_conv1d(x["u"], torch.randn(64, 3, device="cuda"), None, "silu", backend="triton")
+    assert y.shape == x["u"].shape
