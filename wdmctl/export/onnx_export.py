@@ -1,0 +1,459 @@
+"""Export the denoiser to ONNX through the pure-PyTorch scan, unrolled, with fp32 islands.
+
+What the graph is:
+* the model with the `torch` scan backend (`chunked`: T-token chunks with an overflow-free decay matrix;
+  `sequential`: one step per token). torch.export traces the Python loops into straight-line code: no
+  Loop/Scan/If nodes, no custom domains, only standard ONNX ops that ONNX Runtime and TensorRT run.
+* weights in the export dtype (fp32, fp16 or bf16) except the scan's A_log, D and dt bias; the scan,
+  softplus and the norms compute in fp32 whatever the dtype (the scan upcasts its inputs, torch's
+  RMSNorm upcasts internally), so a low-precision graph has fp32 islands exactly there.
+* fp32 `x` and `timesteps`, int64 `class_labels` (conditional models only), fp32 `eps`: the interface
+  never depends on `--dtype`.
+* batch = the guidance batch (2 x images) for a conditional model, `batch_size` images otherwise; static
+  unless `dynamic_batch`.
+
+How it is written: into a staging folder inside the output folder, checked (onnx.checker, standard ops),
+verified against PyTorch, then renamed into place, the manifest last. A failure at any step leaves the
+previous export (if any) as it was, and no file under a final name.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from wdmctl.errors import WdmError
+from wdmctl.export.manifest import (FORMAT, MANIFEST_FILE, ONNX_FILE, export_versions, read_manifest,
+                                    sha256_file, write_manifest)
+from wdmctl.export.verify import TIMESTEPS, TOLERANCES, Tolerances, VerificationCase, verify_onnx
+from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCAN_FORMS = {"chunked": "torch", "sequential": "torch-sequential"}  # --scan -> wdmctl.scan backend
+# The dynamo exporter writes opset 18 (ReduceMean/Split take axes as inputs from there on) and converts
+# upwards; ONNX's Conv accepts bfloat16 only from opset 22, and the patch embedding is a Conv.
+MIN_OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
+TORCHSCRIPT_MAX_OPSET = 20
+INPUT_NAMES = ("x", "timesteps", "class_labels")
+OUTPUT_NAME = "eps"
+ONNX_DATA_FILE = ONNX_FILE + ".data"
+# protobuf cannot hold more than 2 GiB; above this much weight the tensors go to the external data file
+EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
+CONTROL_FLOW_OPS = {"Loop", "Scan", "If", "SequenceMap"}
+STANDARD_DOMAINS = {"", "ai.onnx"}
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything that shapes the graph (and so must match for an existing export to be reused)."""
+
+    batch_size: int = 16           # images per denoiser batch; the graph's batch is 2x this when guided
+    resolution: int | None = None  # the model input's side (latent side for latent models); None = trained
+    dtype: str = "fp32"
+    scan: str = "chunked"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    opset: int = 20
+    dynamic_batch: bool = False
+
+    def check(self) -> None:
+        """One-line errors for values that are wrong whatever the model."""
+        if self.dtype not in DTYPES:
+            raise WdmError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.scan not in SCAN_FORMS:
+            raise WdmError(f"--scan must be one of {', '.join(SCAN_FORMS)}, not {self.scan!r}")
+        check_opset(self.opset, self.dtype)
+        if self.batch_size < 1:
+            raise WdmError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if self.chunk_size < 1:
+            raise WdmError(f"--chunk-size must be >= 1, not {self.chunk_size}")
+
+    def resolved(self, config) -> "ExportSettings":
+        """Checked against the model's config, with the resolution filled in."""
+        self.check()
+        resolution = self.resolution or config.sample_size
+        if resolution < config.patch_size or resolution % config.patch_size:
+            raise WdmError(f"--resolution {resolution} is not a multiple of the patch size {config.patch_size}")
+        # the chunk size means nothing to the sequential form; fixing it keeps reuse checks honest
+        chunk = self.chunk_size if self.scan == "chunked" else 1
+        return replace(self, resolution=resolution, chunk_size=chunk)
+
+    def graph_batch(self, conditional: bool) -> int:
+        return 2 * self.batch_size if conditional else self.batch_size
+
+
+def check_opset(opset: int, dtype: str) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET[dtype]:
+        why = "bfloat16 Conv exists from opset 22" if dtype == "bf16" else "the exporter writes opset 18 and up"
+        raise WdmError(f"--opset {opset} is too low for a {dtype} export: {MIN_OPSET[dtype]} or higher ({why})")
+    if opset > newest:
+        raise WdmError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows ({newest})")
+
+
+class DenoiserForExport(nn.Module):
+    """fp32 in, fp32 out around a model whose weights are in the export dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x.to(self.dtype), timesteps, class_labels).float()
+
+
+def prepare_for_export(model: nn.Module, dtype: str, scan: str, chunk_size: int) -> DenoiserForExport:
+    """A copy of `model` on an exportable scan path, cast to `dtype` with the scan's parameters in fp32.
+    One-line error when the model has no exportable scan path."""
+    from wdmctl.models.wdmamba import SSMBranch
+    from wdmctl.scan import resolve_backend
+
+    if not hasattr(model, "set_scan_backend"):
+        raise WdmError(f"{type(model).__name__} has no exportable scan path (it cannot switch to the torch scan)")
+    backend = resolve_backend(SCAN_FORMS[scan], "cpu")
+    if not backend.exportable:
+        raise WdmError(f"the {scan} scan ({backend.name!r} backend) is not exportable; no exportable scan path")
+    twin = copy.deepcopy(model).eval().requires_grad_(False)
+    twin.set_scan_backend(backend.name, **({"chunk_size": chunk_size} if scan == "chunked" else {}))
+    target = DTYPES[dtype]
+    # set .data rather than calling .to(): diffusers' ModelMixin.to warns about fp32-kept modules on every cast
+    for tensor in [*twin.parameters(), *twin.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(target)
+    for branch in twin.modules():
+        if isinstance(branch, SSMBranch):
+            # A = -exp(A_log) sets every decay: fp16's 3 digits would move them all; D and the dt bias are
+            # added in fp32 inside the scan anyway
+            for tensor in (branch.A_log, branch.D, branch.dt_proj.bias):
+                tensor.data = tensor.data.float()
+    return DenoiserForExport(twin, target).eval()
+
+
+def input_names(conditional: bool) -> list[str]:
+    return list(INPUT_NAMES if conditional else INPUT_NAMES[:2])
+
+
+def example_inputs(config, resolution: int, batch: int, timestep: float | None = None,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Fixed inputs: x ~ N(0, 1); all rows at `timestep` (spread over 0..999 when None); for a conditional
+    model, labels in the guidance layout (class labels, then the null class for the second half)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, resolution, resolution, generator=g)
+    if timestep is None:
+        t = torch.linspace(0, 999, batch)
+    else:
+        t = torch.full((batch,), float(timestep))
+    if not config.num_classes:
+        return x, t
+    labels = torch.randint(0, config.num_classes, (batch,), generator=g)
+    labels[(batch + 1) // 2:] = config.num_classes
+    return x, t, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracing
+# ----------------------------------------------------------------------------------------------------
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _dynamo_export(module: nn.Module, inputs: tuple, names: list[str], settings: ExportSettings):
+    """torch.export + onnxscript: the current exporter. Returns an onnx_ir Model."""
+    dynamic_shapes = None
+    if settings.dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = {name: {0: batch} for name in names}
+    program = torch.onnx.export(module, inputs, dynamo=True, opset_version=settings.opset, input_names=names,
+                                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=False,
+                                verbose=False)
+    return program.model
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm for the TorchScript exporter, which has none at opset 20: in fp32, like torch."""
+    from torch.onnx import symbolic_helper
+
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-len(normalized_shape), 0)), dtype=torch.long))
+    xf = g.op("Cast", x, to_i=1)  # 1 = FLOAT
+    mean_square = g.op("ReduceMean", g.op("Mul", xf, xf), axes, keepdims_i=1)
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+    y = g.op("CastLike", g.op("Div", xf, g.op("Sqrt", g.op("Add", mean_square, eps_t))), x)
+    return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
+
+
+def _torchscript_export(module: nn.Module, inputs: tuple, names: list[str], settings: ExportSettings, staging: Path):
+    """The TorchScript exporter (opset <= 20), as a fallback. Returns an onnx_ir Model."""
+    import onnx_ir
+    from torch.onnx import symbolic_helper
+
+    torch.onnx.register_custom_op_symbolic(
+        "aten::rms_norm", symbolic_helper.parse_args("v", "is", "v", "f")(_rms_norm_symbolic), 18)
+    path = staging / "torchscript.onnx"
+    dynamic_axes = {name: {0: "batch"} for name in [*names, OUTPUT_NAME]} if settings.dynamic_batch else None
+    torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=settings.opset, input_names=names,
+                      output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True)
+    return onnx_ir.load(path)
+
+
+def trace_to_onnx(module: nn.Module, inputs: tuple, names: list[str], settings: ExportSettings, staging: Path,
+                  log: Callable[[str], None]):
+    """(onnx_ir Model, exporter name, note): the dynamo exporter, else the TorchScript one with a note."""
+    try:
+        with torch.no_grad():
+            return _dynamo_export(module, inputs, names, settings), "dynamo", None
+    except WdmError:
+        raise
+    except Exception as err:  # the exporter raises many types; all mean "this exporter cannot do it"
+        if settings.opset > TORCHSCRIPT_MAX_OPSET:
+            raise WdmError(f"the ONNX exporter failed ({first_line(err)}); the TorchScript fallback stops at "
+                           f"opset {TORCHSCRIPT_MAX_OPSET}, so try --opset 20") from None
+        note = f"the dynamo exporter failed ({first_line(err)}); exported with the TorchScript exporter instead"
+        log(f"note: {note}")
+    try:
+        with torch.no_grad():
+            return _torchscript_export(module, inputs, names, settings, staging), "torchscript", note
+    except Exception as err:
+        raise WdmError(f"both ONNX exporters failed; TorchScript: {first_line(err)}") from None
+
+
+def simplify(model) -> None:
+    """Inline, fold constants, drop dead nodes and merge duplicates, in place.
+
+    Not onnxscript's full `optimize`: its pattern rewrites took 30x longer (minutes at WDM-B/2) for 6%
+    fewer nodes here, and ONNX Runtime and TensorRT do their own fusions anyway."""
+    import onnxscript.optimizer
+    from onnx_ir.passes import common
+
+    common.InlinePass()(model)
+    onnxscript.optimizer.fold_constants(model)
+    for graph_pass in (common.RemoveUnusedNodesPass(), common.CommonSubexpressionEliminationPass(),
+                       common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(),
+                       common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+        graph_pass(model)
+
+
+def graph_summary(model) -> dict[str, Any]:
+    """Node count, op histogram (most frequent first), domains and opsets of an onnx_ir Model."""
+    ops = collections.Counter()
+    domains = set()
+    for node in model.graph.all_nodes():
+        ops[node.op_type] += 1
+        domains.add(node.domain)
+    return {"node_count": sum(ops.values()), "op_histogram": dict(ops.most_common()),
+            "domains": sorted(domains), "opset_imports": dict(model.opset_imports),
+            "functions": len(model.functions)}
+
+
+def require_standard_ops(summary: dict[str, Any]) -> None:
+    """One-line error if the graph left the standard ONNX domain or kept control flow."""
+    custom = [d for d in summary["domains"] if d not in STANDARD_DOMAINS]
+    loops = sorted(CONTROL_FLOW_OPS & set(summary["op_histogram"]))
+    if custom or loops or summary["functions"]:
+        raise WdmError(f"the exported graph is not plain ONNX (custom domains {custom}, control flow {loops}, "
+                       f"{summary['functions']} functions); ONNX Runtime or TensorRT may not run it")
+
+
+def weight_bytes(model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_onnx(model, path: Path) -> list[str]:
+    """Write the model (weights in `<name>.data` beside it when they do not fit protobuf's 2 GiB);
+    returns the names of the files written, the .onnx last."""
+    import onnx_ir
+
+    external = weight_bytes(model) > EXTERNAL_DATA_BYTES
+    try:
+        onnx_ir.save(model, path, external_data=ONNX_DATA_FILE if external else None)
+    except OSError as err:  # a full disk, mostly
+        raise WdmError(f"cannot write {path.name}: {err.strerror or first_line(err)}") from None
+    return [ONNX_DATA_FILE, path.name] if external else [path.name]
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker with full (type and shape) checks; from the path, so external data works."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # onnx raises ValidationError, InferenceError, ...
+        raise WdmError(f"the exported graph fails onnx.checker: {first_line(err)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The export folder
+# ----------------------------------------------------------------------------------------------------
+
+def source_identity(pipeline_dir: Path, ema: bool, meta: dict[str, Any]) -> dict[str, Any]:
+    """Which weights were exported: folder, EMA or not, training step and sha256 of the safetensors."""
+    import hashlib
+
+    weights = sorted((Path(pipeline_dir) / ("denoiser" if ema else "denoiser_online")).glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(sha256_file(path).encode())
+    return {"path": str(Path(pipeline_dir).resolve()), "ema": ema, "step": meta.get("step"),
+            "weights_sha256": digest.hexdigest()}
+
+
+def default_export_dir(pipeline_dir: Path) -> Path:
+    """`<checkpoint>/export` beside a run's `<checkpoint>/pipeline`, where `wdmctl sample --backend` looks."""
+    return Path(pipeline_dir).parent / "export"
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create the folder and prove it writable now, before minutes of export work."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise WdmError(f"cannot write to {out_dir}: {err.strerror or first_line(err)}") from None
+    return out_dir
+
+
+def export_differences(manifest: dict[str, Any], settings: ExportSettings, source: dict[str, Any]) -> list[str]:
+    """What differs between an existing export and the one asked for (empty: it can be reused)."""
+    differ = [k for k, v in asdict(settings).items() if manifest["settings"].get(k) != v]
+    for key in ("weights_sha256", "ema"):
+        if manifest["source"].get(key) != source.get(key):
+            differ.append(f"source {key}")
+    return differ
+
+
+def _promote(staging: Path, out_dir: Path, files: list[str]) -> None:
+    """Move the staged files to their final names. The old manifest goes first: from then until the new
+    one is written, the folder holds no valid export, never a mismatched one."""
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    for name in files:
+        os.replace(staging / name, out_dir / name)
+    if ONNX_DATA_FILE not in files:
+        (out_dir / ONNX_DATA_FILE).unlink(missing_ok=True)
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings, source: dict[str, Any],
+                verify: bool = True, overwrite: bool = False, tolerances: Tolerances | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Export `model` to `<out_dir>/denoiser.onnx`, verify it against PyTorch, write the manifest; returns it."""
+    config = model.config
+    settings = settings.resolved(config)
+    out_dir = prepare_out_dir(Path(out_dir))
+    if ((out_dir / MANIFEST_FILE).exists() or (out_dir / ONNX_FILE).exists()) and not overwrite:
+        raise WdmError(f"{out_dir} already holds an export; pass --overwrite to replace it")
+    conditional = config.num_classes > 0
+    batch = settings.graph_batch(conditional)
+    names = input_names(conditional)
+    tolerances = tolerances or TOLERANCES[settings.dtype]
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-", suffix=".partial"))
+    try:
+        module = prepare_for_export(model, settings.dtype, settings.scan, settings.chunk_size)
+        log(f"exporting {type(model).__name__} ({settings.scan} scan, {settings.dtype}, batch {batch}, "
+            f"{config.in_channels}x{settings.resolution}x{settings.resolution}, opset {settings.opset})")
+        started = time.perf_counter()
+        graph, exporter, note = trace_to_onnx(module, example_inputs(config, settings.resolution, batch), names,
+                                              settings, staging, log)
+        del module
+        simplify(graph)
+        export_seconds = time.perf_counter() - started
+        summary = graph_summary(graph)
+        require_standard_ops(summary)
+        files = save_onnx(graph, staging / ONNX_FILE)
+        del graph
+        check_onnx(staging / ONNX_FILE)
+        verification: dict[str, Any] = {"skipped": "--no-verify"}
+        if verify:
+            verification = _verify(staging / ONNX_FILE, model, settings, batch, names, tolerances)
+            log(f"verified on {verification['provider']}: max-abs {verification['max_abs']:.2e}, rel-L2 "
+                f"{verification['rel_l2']:.2e} (tolerances {tolerances.max_abs:g}, {tolerances.rel_l2:g})")
+        manifest = {
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "model_config": dict(config),
+            "settings": asdict(settings),
+            "conditional": conditional,
+            "num_classes": int(config.num_classes),
+            "null_class": int(config.num_classes) if conditional else None,
+            "batch_range": [1, batch] if settings.dynamic_batch else [batch, batch],
+            "inputs": _io_specs(names, batch, config.in_channels, settings),
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32",
+                         "shape": [_batch_dim(batch, settings), config.in_channels, settings.resolution,
+                                   settings.resolution]}],
+            "onnx": {"file": ONNX_FILE, "external_data": ONNX_DATA_FILE if ONNX_DATA_FILE in files else None,
+                     "sha256": sha256_file(staging / ONNX_FILE), "bytes": (staging / ONNX_FILE).stat().st_size,
+                     "exporter": exporter, "exporter_note": note, "opset": settings.opset,
+                     "export_seconds": round(export_seconds, 2), **summary},
+            "precision": {"graph": settings.dtype, "io": "float32 (class_labels int64)",
+                          "fp32_islands": ["A_log/D/dt bias", "softplus", "selective scan", "RMSNorm",
+                                           "timestep sinusoid"]},
+            "verification": verification,
+            "versions": export_versions(),
+            "tensorrt": {"engines": []},
+        }
+        _promote(staging, out_dir, files)
+        write_manifest(out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {out_dir / ONNX_FILE} ({exporter} exporter, {summary['node_count']} nodes, "
+        f"{export_seconds:.1f} s) and {out_dir / MANIFEST_FILE}")
+    return manifest
+
+
+def _batch_dim(batch: int, settings: ExportSettings) -> int | str:
+    return "batch" if settings.dynamic_batch else batch
+
+
+def _io_specs(names: list[str], batch: int, channels: int, settings: ExportSettings) -> list[dict[str, Any]]:
+    b = _batch_dim(batch, settings)
+    shapes = {"x": [b, channels, settings.resolution, settings.resolution], "timesteps": [b], "class_labels": [b]}
+    dtypes = {"x": "float32", "timesteps": "float32", "class_labels": "int64"}
+    return [{"name": n, "shape": shapes[n], "dtype": dtypes[n]} for n in names]
+
+
+def _verify(onnx_path: Path, model: nn.Module, settings: ExportSettings, batch: int, names: list[str],
+            tolerances: Tolerances) -> dict[str, Any]:
+    """ONNX Runtime vs the fp32 PyTorch model (same scan form) at every verification timestep, at the
+    graph's batch and, for a dynamic export, at batch 1 too. CUDA when onnxruntime-gpu and a GPU are here."""
+    from wdmctl.export.runtime import import_onnxruntime
+
+    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+    device = torch.device("cuda" if cuda else "cpu")
+    reference = prepare_for_export(model, "fp32", settings.scan, settings.chunk_size).to(device)
+    batches = [batch, 1] if settings.dynamic_batch and batch > 1 else [batch]
+    cases = [VerificationCase(b, t, example_inputs(model.config, settings.resolution, b, t, seed=t))
+             for b in batches for t in TIMESTEPS]
+    low_precision = settings.dtype if settings.dtype != "fp32" else None
+    return verify_onnx(onnx_path, reference, cases, names, tolerances, device, low_precision)
+
+
+def ensure_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings, source: dict[str, Any],
+                verify: bool = True, overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The export in `out_dir` if it was made from the same weights with the same settings, else a new one
+    (replacing a different one only with `overwrite`)."""
+    settings = settings.resolved(model.config)
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST_FILE).exists():
+        manifest = read_manifest(out_dir)
+        differ = export_differences(manifest, settings, source)
+        if not differ:
+            log(f"reusing {out_dir / ONNX_FILE} (same weights and settings)")
+            return manifest
+        if not overwrite:
+            raise WdmError(f"{out_dir} holds an export with other {', '.join(differ)}; pass --overwrite to replace it")
+    return export_onnx(model, out_dir, settings, source, verify=verify, overwrite=True, log=log)

@@ -1,0 +1,63 @@
+"""`wdmctl export` as one function: find the checkpoint, export/verify the ONNX graph, build the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from wdmctl.errors import WdmError
+from wdmctl.export.onnx_export import (ExportSettings, default_export_dir, ensure_onnx, export_onnx,
+                                       prepare_out_dir, source_identity)
+from wdmctl.export.tensorrt_build import DEFAULT_OPTIMIZATION_LEVEL
+
+
+@dataclass
+class ExportRequest:
+    """Everything `wdmctl export` asks for."""
+
+    run: str | None = None
+    model: str | None = None
+    checkpoint: str = "latest"
+    out: str | None = None
+    onnx: bool = False
+    trt: bool = False
+    settings: ExportSettings = ExportSettings()
+    verify: bool = True
+    overwrite: bool = False
+    ema: bool = True
+    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
+
+
+def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """Export (`--onnx`, the default), and/or build a TensorRT engine (`--trt`, exporting first when the
+    folder holds no export of these weights and settings). Everything that can be checked before the
+    minutes of export work is checked first. Returns the export folder and its final manifest."""
+    import torch
+
+    from wdmctl.export.manifest import read_manifest
+    from wdmctl.pipeline import load_pipeline
+    from wdmctl.sampling import resolve_pipeline_dir
+
+    req.settings.check()
+    if req.trt:
+        from wdmctl.export.tensorrt_build import build_engine, require_tensorrt
+
+        require_tensorrt()
+        if not torch.cuda.is_available():
+            raise WdmError("--trt builds an engine for the GPU it runs on, and no CUDA GPU is visible")
+    pipeline_dir = resolve_pipeline_dir(req.run, req.model, req.checkpoint)
+    out = prepare_out_dir(Path(req.out) if req.out else default_export_dir(pipeline_dir))
+    pipe = load_pipeline(pipeline_dir, ema=req.ema, device="cpu")
+    source = source_identity(pipeline_dir, req.ema, pipe.meta)
+    if req.onnx or not req.trt:
+        manifest = export_onnx(pipe.model, out, req.settings, source, verify=req.verify, overwrite=req.overwrite,
+                               log=log)
+    else:
+        manifest = ensure_onnx(pipe.model, out, req.settings, source, verify=req.verify, overwrite=req.overwrite,
+                               log=log)
+    del pipe
+    if req.trt:
+        build_engine(out, optimization_level=req.optimization_level, log=log)
+        manifest = read_manifest(out)
+    return out, manifest
