@@ -142,11 +142,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(ts, "CHUNK", 8)
 
 
-@pytest.mark.parametrize("length,reverse,layout,prefetch", [(1, False, "model", True), (9, True, "contiguous", True),
-                                                             (19, False, "model", True), (19, True, "strided", False)])
-def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch, length, reverse, layout, prefetch):
+@pytest.mark.parametrize("length,reverse,layout,bwd_cfg", [(1, False, "model", (64, 2, True, False)),
+                                                            (9, True, "contiguous", (64, 2, True, False)),
+                                                            (19, False, "model", (16, 1, True, True)),
+                                                            (19, True, "strided", (64, 2, False, False))])
+def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch, length, reverse, layout, bwd_cfg):
     # d = 5 of a 64-channel block and N = 3 padded to 4 exercise both masks; both backward load schedules
-    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", (64, 2, prefetch))
+    # and both ways of summing over channels
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", bwd_cfg)
     x = scan_case(length, batch=1, d=5, n=3, layout=layout)
     check(compare_with_oracle(x, "cpu", reverse=reverse), 5e-5, 5e-4, f"interp L={length} rev={reverse} {layout}")
 
