@@ -142,14 +142,12 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(ts, "CHUNK", 8)
 
 
-@pytest.mark.parametrize("length,reverse,layout,bwd_cfg", [(1, False, "model", (64, 2, True, False)),
-                                                            (9, True, "contiguous", (64, 2, True, False)),
-                                                            (19, False, "model", (16, 1, True, True)),
-                                                            (19, True, "strided", (64, 2, False, False))])
-def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch, length, reverse, layout, bwd_cfg):
-    # d = 5 of a 64-channel block and N = 3 padded to 4 exercise both masks; both backward load schedules
-    # and both ways of summing over channels
-    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", bwd_cfg)
+@pytest.mark.parametrize("length,reverse,layout,bd", [(1, False, "model", 64), (9, True, "contiguous", 64),
+                                                      (19, False, "model", 16), (19, True, "strided", 64)])
+def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch, length, reverse, layout, bd):
+    # d = 5 of a 16- or 64-channel block and N = 3 padded to 4 exercise both masks
+    monkeypatch.setattr(ts, "DEFAULT_SCAN_CONFIG", (bd, 1))
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", (bd, 1))
     x = scan_case(length, batch=1, d=5, n=3, layout=layout)
     check(compare_with_oracle(x, "cpu", reverse=reverse), 5e-5, 5e-4, f"interp L={length} rev={reverse} {layout}")
 
@@ -223,9 +221,8 @@ def test_gpu_layouts_and_padding(layout, d, n):
     check(compare_with_oracle(x, "cuda", reverse=True), 5e-5, 5e-4, f"gpu {layout} d={d} n={n}")
 
 
-@pytest.mark.parametrize("fwd_cfg,bwd_cfg", list(zip(
-    [*(ts.FWD_CONFIGS if ts else []), *(ts.FWD_CONFIGS[:1] if ts else [])],
-    [*(ts.BWD_CONFIGS if ts else [])])))
+@pytest.mark.parametrize("fwd_cfg,bwd_cfg", [
+    (f, ts.BWD_CONFIGS[i % len(ts.BWD_CONFIGS)]) for i, f in enumerate(ts.FWD_CONFIGS)] if ts else [])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 def test_gpu_every_tuning_config(monkeypatch, fwd_cfg, bwd_cfg):

@@ -2,8 +2,8 @@
 
 Layout. One program owns one batch row and a block of BD channels; its state lives in registers as an
 (N, BD) fp32 tile whose N states of a channel sit in one thread (the channel axis is the tile's last,
-fastest axis, so Triton spreads channels over lanes and keeps N in-thread). Sums over N (y, du, ddelta)
-are then register adds, not shuffles. Time is a plain loop; each iteration prefetches the next step's
+fastest axis, so Triton spreads channels over lanes and keeps N in-thread; with BD = 16 on one warp it
+splits them over 2 lanes). Sums over N (y, du, ddelta) are then register adds, not shuffles. Time is a plain loop; each iteration prefetches the next step's
 inputs so the loads of step t+1 overlap the arithmetic of step t. Every tensor is read through its
 strides: a (batch, d, L) view of (batch, L, d) memory (what the model passes) gives coalesced channel
 loads, and `reverse` only walks t from L-1 down to 0 (no flipped copies).
@@ -47,20 +47,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # over anything, so they use the hardware approximations (ex2/lg2/rcp, ~2 ulp) instead of the accurate
 # library log and IEEE division, which cost ~60 instructions per step (measured in the SASS).
 # ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _sum_over_channels(x, ptr, mask_n, REDUCE_DOT: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
-    """Store sum_d x[n, d] (an (NP, BD) tile) at ptr + n. REDUCE_DOT: as x @ ones on the tensor cores
-    (tf32x3: three tf32 products, fp32-accurate), whose operand staging goes through shared memory, instead
-    of 5 levels of warp shuffles per state."""
-    if REDUCE_DOT:
-        ones = tl.full([BD, 16], 1.0, tl.float32)
-        r = tl.dot(x, ones, input_precision="tf32x3")  # (NP, 16), every column the row sum
-        col = tl.arange(0, 16)
-        tl.store(ptr[:, None] + col[None, :] * 0, r, mask=mask_n[:, None] & (col[None, :] == 0))
-    else:
-        tl.store(ptr, tl.sum(x, axis=1), mask=mask_n)
-
 
 @triton.jit
 def _sigmoid(x):
@@ -182,7 +168,6 @@ def _scan_bwd1_kernel(
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-    PREFETCH_BC: tl.constexpr, REDUCE_DOT: tl.constexpr,
 ):
     """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
@@ -227,9 +212,8 @@ def _scan_bwd1_kernel(
         u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
         dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
         g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-        if PREFETCH_BC:
-            b_n = tl.load(pb + tn * 2 * NP)
-            c_n = tl.load(pc + tn * 2 * NP)
+        b_n = tl.load(pb + tn * 2 * NP)
+        c_n = tl.load(pc + tn * 2 * NP)
         if HAS_Z:
             z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
         loc = tl.zeros([BD], dtype=tl.float32)
@@ -238,12 +222,8 @@ def _scan_bwd1_kernel(
             u = u_n.to(tl.float32)
             dl = dl_n.to(tl.float32)
             go = g_n.to(tl.float32)
-            if PREFETCH_BC:
-                Bt = b_n
-                Ct = c_n
-            else:  # 2N fewer live registers; B_t and C_t are L2-resident (shared by all channel blocks)
-                Bt = tl.load(pb + t * 2 * NP)
-                Ct = tl.load(pc + t * 2 * NP)
+            Bt = b_n
+            Ct = c_n
             if HAS_Z:
                 zt = z_n.to(tl.float32)
             if REVERSE:
@@ -253,9 +233,8 @@ def _scan_bwd1_kernel(
             u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
             dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
             g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-            if PREFETCH_BC:
-                b_n = tl.load(pb + tn * 2 * NP)
-                c_n = tl.load(pc + tn * 2 * NP)
+            b_n = tl.load(pb + tn * 2 * NP)
+            c_n = tl.load(pc + tn * 2 * NP)
             if HAS_Z:
                 z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
 
@@ -275,7 +254,7 @@ def _scan_bwd1_kernel(
             else:
                 g = go
             tl.store(pf + t * DIM, g * tl.sum(A2 * hc, axis=0) * LN2, mask=md)
-            _sum_over_channels(h * g[None, :], pdc + t * N, mn, REDUCE_DOT, NP, BD)
+            tl.store(pdc + t * N, tl.sum(h * g[None, :], axis=1), mask=mn)
             loc += dl
             accf += hc * (g * loc)[None, :]
         # the chunk's delta sum and final state
@@ -299,7 +278,6 @@ def _scan_bwd2_kernel(
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-    PREFETCH_BC: tl.constexpr, REDUCE_DOT: tl.constexpr,
 ):
     """Walks scan positions s = L-1 .. 0 (memory index t = s, or L-1-s when REVERSE). `carry` holds
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
@@ -350,9 +328,8 @@ def _scan_bwd2_kernel(
         dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
         g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
         f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
-        if PREFETCH_BC:
-            b_n = tl.load(pb + tn * 2 * NP)
-            c_n = tl.load(pc + tn * 2 * NP)
+        b_n = tl.load(pb + tn * 2 * NP)
+        c_n = tl.load(pc + tn * 2 * NP)
         if HAS_Z:
             z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
         for j in range(stop - start):
@@ -361,12 +338,8 @@ def _scan_bwd2_kernel(
             raw = dl_n.to(tl.float32)
             go = g_n.to(tl.float32)
             f = f_n
-            if PREFETCH_BC:
-                Bt = b_n
-                Ct = c_n
-            else:  # 2N fewer live registers; B_t and C_t are L2-resident (shared by all channel blocks)
-                Bt = tl.load(pb + t * 2 * NP)
-                Ct = tl.load(pc + t * 2 * NP)
+            Bt = b_n
+            Ct = c_n
             if HAS_Z:
                 zt = z_n.to(tl.float32)
             if REVERSE:
@@ -377,9 +350,8 @@ def _scan_bwd2_kernel(
             dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
             g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
             f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
-            if PREFETCH_BC:
-                b_n = tl.load(pb + tn * 2 * NP)
-                c_n = tl.load(pc + tn * 2 * NP)
+            b_n = tl.load(pb + tn * 2 * NP)
+            c_n = tl.load(pc + tn * 2 * NP)
             if HAS_Z:
                 z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
 
@@ -402,7 +374,7 @@ def _scan_bwd2_kernel(
             ddt = S + u * sdhb
             acc -= dhb * (dtu * loc)[None, :]
             loc -= dl
-            _sum_over_channels(dh * dtu[None, :], pdb + t * N, mn, REDUCE_DOT, NP, BD)
+            tl.store(pdb + t * N, tl.sum(dh * dtu[None, :], axis=1), mask=mn)
             du = dl * sdhb
             if HAS_D:
                 du += Dv * g
@@ -522,30 +494,27 @@ def _conv_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 FWD_CONFIGS = ((32, 1), (16, 1), (64, 2), (64, 1), (128, 2))
-# The backward kernels hold ~3 state tiles plus B_t, C_t: two channels per thread spill, so one at most.
-# BD = 16 (8) on one warp makes Triton split each channel's states over 2 (4) lanes: half (a quarter) of
-# the registers, so twice (4x) the warps to hide latency, for a shuffle per sum over N. Third element,
-# PREFETCH_BC: B_t, C_t of the next step loaded a step early (hides their L2 latency, costs 2N registers)
-# or at use. Fourth, REDUCE_DOT: the per-step sum over channels for dB / dC as a product with a ones
-# matrix on the tensor cores (tf32x3) instead of 5 levels of warp shuffles (80 SHFL per step at N = 16,
-# which made the shuffle/shared-memory pipe the bottleneck, see docs/triton-scan.md).
-BWD_CONFIGS = ((32, 1, True, True), (16, 1, True, True), (32, 1, True, False), (16, 1, True, False),
-               (8, 1, True, False), (64, 2, True, True))
+# The backward kernels hold ~3 state tiles plus B_t, C_t of this step and the next: two channels per thread
+# spill, so one at most. BD = 16 on one warp makes Triton split each channel's states over 2 lanes: half
+# the registers, twice the warps, a shuffle per sum over N. Tried and dropped (never chosen by the tuner
+# on the H100, docs/triton-scan.md): BD 8, 2-warp blocks, B_t/C_t loaded at use instead of a step ahead,
+# and the sums over channels for dB/dC on the tensor cores instead of warp shuffles.
+BWD_CONFIGS = ((32, 1), (16, 1))
 DEFAULT_SCAN_CONFIG = (64, 2)
-DEFAULT_BWD_CONFIG = (64, 2, True, False)
+DEFAULT_BWD_CONFIG = (64, 2)
 TUNE_MIN_CHANNELS = 8192  # batch * d below this: small problems (tests) skip tuning and its compiles
 _TUNED: dict[tuple, tuple] = {}
 
 
 def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
-    """Pick a config ((BD, num_warps[, PREFETCH_BC, REDUCE_DOT])) for one kernel and problem: the env override
-    WDM_TRITON_SCAN_CONFIG="BD,warps" (profiling), the default for small problems and the interpreter, else
-    the fastest config measured once on the real arguments (every config writes only its own outputs, so
-    trial runs are harmless)."""
+    """Pick a config (BD, num_warps, or a conv tile) for one kernel and problem: the env override
+    WDM_TRITON_SCAN_CONFIG="BD,warps" (scan kernels, for profiling), the default for small problems and the
+    interpreter, else the fastest config measured once on the real arguments (every config writes only its
+    own outputs, so trial runs are harmless)."""
     override = os.environ.get("WDM_TRITON_SCAN_CONFIG")
-    if override:
+    if override and not kind.startswith("conv"):
         bd, warps = (int(v) for v in override.split(","))
-        return (bd, warps, *default[2:])
+        return bd, warps
     if INTERPRET or channels < TUNE_MIN_CHANNELS:
         return default
     full_key = (kind, *key)
@@ -561,7 +530,7 @@ def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
 
 
 def tuned_configs() -> dict[str, tuple]:
-    """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps[, PREFETCH_BC, REDUCE_DOT])}."""
+    """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps)}."""
     return {" ".join(str(k) for k in key): cfg for key, cfg in _TUNED.items()}
 
 
@@ -645,14 +614,12 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     out = {}
 
     def launch1(cfg):
-        bd, warps, prefetch, reduce_dot = cfg
-        reduce_dot = reduce_dot and flags["NP"] >= 16 and bd >= 16  # tl.dot needs 16 rows and 16 deep
+        bd, warps = cfg
         out["dcp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
         _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
-            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, PREFETCH_BC=prefetch,
-            REDUCE_DOT=reduce_dot, num_warps=warps)
-        out["dC"] = out["dcp"].sum(1)  # part of what a config costs: the tuner times it too
+            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+        out["dC"] = out["dcp"].sum(1)  # part of what a config costs (smaller BD, more partials): timed too
 
     launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
 
@@ -663,15 +630,13 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     dbiasp = torch.empty(batch, d, device=dev, dtype=f32)
 
     def launch2(cfg):
-        bd, warps, prefetch, reduce_dot = cfg
-        reduce_dot = reduce_dot and flags["NP"] >= 16 and bd >= 16  # tl.dot needs 16 rows and 16 deep
+        bd, warps = cfg
         out["dbp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
         _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
             du, ddelta, out["dbp"], dap, ddp, dbiasp,
             batch, d, length, n, *common, *_bdl(du), *_bdl(ddelta),
-            **flags, BD=bd, CHUNK=chunk, PREFETCH_BC=prefetch,
-            REDUCE_DOT=reduce_dot, num_warps=warps)
+            **flags, BD=bd, CHUNK=chunk, num_warps=warps)
         out["dB"] = out["dbp"].sum(1)
 
     launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
