@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from wdmctl.scan import available_backends, causal_conv1d, selective_scan
+from wdmctl.scan import available_backends, selective_scan
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
 TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only

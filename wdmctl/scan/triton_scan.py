@@ -1,12 +1,12 @@
 """Our Triton selective scan (forward and backward) and causal conv1d, behind the scan interface.
 
 Layout. One program owns one batch row and a block of BD channels; its state lives in registers as an
-(N, BD) fp32 tile whose N states of a channel sit in one thread (the channel axis is the tile's last,
-fastest axis, so Triton spreads channels over lanes and keeps N in-thread; with BD = 16 on one warp it
-splits them over 2 lanes). Sums over N (y, du, ddelta) are then register adds, not shuffles. Time is a plain loop; each iteration prefetches the next step's
-inputs so the loads of step t+1 overlap the arithmetic of step t. Every tensor is read through its
-strides: a (batch, d, L) view of (batch, L, d) memory (what the model passes) gives coalesced channel
-loads, and `reverse` only walks t from L-1 down to 0 (no flipped copies).
+(N, BD) fp32 tile whose N states of a channel sit in one thread (the channel axis is the tile's last, fastest
+axis, so Triton spreads channels over lanes and keeps N in-thread; with BD = 16 on one warp it splits them
+over 2 lanes). Sums over N (y, du, ddelta) are then register adds, not shuffles. Time is a plain loop; each
+iteration prefetches the next step's inputs so the loads of step t+1 overlap the arithmetic of step t. Every
+tensor is read through its strides: a (batch, d, L) view of (batch, L, d) memory (what the model passes)
+gives coalesced channel loads, and `reverse` only walks t from L-1 down to 0 (no flipped copies).
 
 Backward without storing the (batch, d, L, N) states. With a_t = delta_t * A, x_t = delta_t u_t B_t,
 g_t the gradient of the pre-gate output and dh_t the state gradient (dh_t = g_t C_t + e^{a_{t+1}} dh_{t+1}),
@@ -66,6 +66,92 @@ def _softplus_and_slope(x):
     return tl.where(small, lp, x), tl.where(small, tl.fdiv(e, w), 1.0)
 
 
+@triton.jit
+def _channel_block(A_ptr, D_ptr, bias_ptr, DIM, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   NP: tl.constexpr, BD: tl.constexpr):
+    """This program's channels and states: offsets, masks, the (NP, BD) offsets of (N, D) tensors, and
+    A * log2(e), D and delta_bias for them (zeros where absent). Padded states get A = 0 (and B = C = 0 from
+    _pack_bc): their h stays exactly 0."""
+    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)
+    md = offs_d < DIM
+    offs_n = tl.arange(0, NP)
+    mn = offs_n < N
+    mnd = mn[:, None] & md[None, :]
+    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) fp32 scratch and A^T, channel-contiguous
+    A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros([BD], dtype=tl.float32)
+    return offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv
+
+
+@triton.jit
+def _load_step(pu, pdl, pz, pg, pf, pb, t, s_ul, s_dl, s_zl, s_gl, DIM, md,
+               HAS_Z: tl.constexpr, HAS_G: tl.constexpr, HAS_F: tl.constexpr, NP: tl.constexpr):
+    """One step's inputs at memory index t: u, delta, z, dy, f per channel (the ones a kernel lacks come back
+    as u, unused), and B_t, C_t (NP each, from the packed buffer). Kernels load the next step's while they
+    compute this one's."""
+    u = tl.load(pu + t * s_ul, mask=md, other=0.0)
+    dl = tl.load(pdl + t * s_dl, mask=md, other=0.0)
+    g = u
+    f = u
+    z = u
+    if HAS_G:
+        g = tl.load(pg + t * s_gl, mask=md, other=0.0)
+    if HAS_F:
+        f = tl.load(pf + t * DIM, mask=md, other=0.0)
+    Bt = tl.load(pb + t * 2 * NP)
+    Ct = tl.load(pb + NP + t * 2 * NP)
+    if HAS_Z:
+        z = tl.load(pz + t * s_zl, mask=md, other=0.0)
+    return u, dl, z, g, f, Bt, Ct
+
+
+@triton.jit
+def _next_index(t, L, FORWARD_IN_MEMORY: tl.constexpr):
+    """The next step's memory index, clamped: the last prefetch re-reads a valid element instead of masking."""
+    if FORWARD_IN_MEMORY:
+        return tl.minimum(t + 1, L - 1)
+    else:
+        return tl.maximum(t - 1, 0)
+
+
+@triton.jit
+def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta, d delta / d raw) from the raw input: + delta_bias, then softplus."""
+    if HAS_BIAS:
+        raw = raw + bias
+    if SOFTPLUS:
+        return _softplus_and_slope(raw)
+    else:
+        return raw, tl.full(raw.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _program_setup(u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, part_ptr, DIM, L, N,
+               s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd,
+               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr):
+    """What every scan kernel starts from: the batch row, this program's channel block (_channel_block),
+    pointers to row b of u, delta, z, dy, B/C (packed), f, this block's dB or dC partials, and the chunk
+    count (the forward passes placeholders for what it lacks; unused values compile away)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv = _channel_block(
+        A_ptr, D_ptr, bias_ptr, DIM, N, HAS_D, HAS_BIAS, NP, BD)
+    pu = u_ptr + b * s_ub + offs_d * s_ud
+    pdl = dl_ptr + b * s_db + offs_d * s_dd
+    pz = z_ptr + b * s_zb + offs_d * s_zd
+    pg = go_ptr + b * s_gb + offs_d * s_gd
+    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
+    pf = f_ptr + b * L * DIM + offs_d
+    ppart = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * L * N + offs_n
+    return b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, ppart, tl.cdiv(L, CHUNK)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -91,36 +177,18 @@ def _scan_fwd_kernel(
 ):
     """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D)
     fp32; bc_ptr holds B_t and C_t side by side, (batch, L, 2, NP) fp32 (see _pack_bc)."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    md = offs_d < DIM
-    offs_n = tl.arange(0, NP)
-    mn = offs_n < N
-    # padded states get A = 0 and B = C = 0: their h stays exactly 0
-    A2 = tl.load(A_ptr + offs_n[:, None] * DIM + offs_d[None, :], mask=mn[:, None] & md[None, :], other=0.0) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    pu = u_ptr + b * s_ub + offs_d * s_ud
-    pdl = dl_ptr + b * s_db + offs_d * s_dd
-    pz = z_ptr + b * s_zb + offs_d * s_zd
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, _pg, pb, _pf, _pp, _nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, u_ptr, y_ptr, y_ptr, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ub, s_ud, HAS_D, HAS_BIAS, NP, BD, 1)
     py = y_ptr + b * s_yb + offs_d * s_yd
-    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
-    pc = pb + NP
 
     if REVERSE:
         tn = L - 1
     else:
         tn = 0
     # prefetched inputs of the next step (loop-carried so their loads overlap this step's math)
-    u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-    dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-    b_n = tl.load(pb + tn * 2 * NP)
-    c_n = tl.load(pc + tn * 2 * NP)
-    if HAS_Z:
-        z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+    u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
+                                                    HAS_Z, False, False, NP)
     h = tl.zeros([NP, BD], dtype=tl.float32)
     for i in range(L):
         t = tn
@@ -128,24 +196,12 @@ def _scan_fwd_kernel(
         dl = dl_n.to(tl.float32)
         Bt = b_n
         Ct = c_n
-        if HAS_Z:
-            zt = z_n.to(tl.float32)
-        # the next step's index, clamped: the last prefetch re-reads a valid element instead of masking
-        if REVERSE:
-            tn = tl.maximum(t - 1, 0)
-        else:
-            tn = tl.minimum(t + 1, L - 1)
-        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-        b_n = tl.load(pb + tn * 2 * NP)
-        c_n = tl.load(pc + tn * 2 * NP)
-        if HAS_Z:
-            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+        zt = z_n.to(tl.float32)
+        tn = _next_index(t, L, not REVERSE)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
+                                                        HAS_Z, False, False, NP)
 
-        if HAS_BIAS:
-            dl = dl + bias
-        if SOFTPLUS:
-            dl, _ = _softplus_and_slope(dl)
+        dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
         h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
         y = tl.sum(h * Ct[:, None], axis=0)
         if HAS_D:
@@ -153,7 +209,6 @@ def _scan_fwd_kernel(
         if HAS_Z:
             y = y * zt * _sigmoid(zt)
         tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Backward pass 1: forward time. Recompute h; write dz, f = g * sum_n A C h, dC partials, chunk states.
@@ -173,30 +228,10 @@ def _scan_bwd1_kernel(
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
     at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk.
     t indexes memory; the chunks are cut in scan order."""
-    pid_d = tl.program_id(0)
-    nblk = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    md = offs_d < DIM
-    offs_n = tl.arange(0, NP)
-    mn = offs_n < N
-    mnd = mn[:, None] & md[None, :]
-    nd_off = offs_n[:, None] * DIM + offs_d[None, :]  # (N, D) fp32 scratch and A^T, channel-contiguous
-    A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    pu = u_ptr + b * s_ub + offs_d * s_ud
-    pdl = dl_ptr + b * s_db + offs_d * s_dd
-    pz = z_ptr + b * s_zb + offs_d * s_zd
-    pg = go_ptr + b * s_gb + offs_d * s_gd
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdc, nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dcp_ptr, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK)
     pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
-    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
-    pc = pb + NP
-    pf = f_ptr + b * L * DIM + offs_d
-    pdc = dcp_ptr + (b * nblk + pid_d) * L * N + offs_n
-    nc = tl.cdiv(L, CHUNK)
 
     h = tl.zeros([NP, BD], dtype=tl.float32)
     accf = tl.zeros([NP, BD], dtype=tl.float32)
@@ -209,13 +244,8 @@ def _scan_bwd1_kernel(
             tn = L - 1 - start
         else:
             tn = start
-        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-        g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-        b_n = tl.load(pb + tn * 2 * NP)
-        c_n = tl.load(pc + tn * 2 * NP)
-        if HAS_Z:
-            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
+                                                        md, HAS_Z, True, False, NP)
         loc = tl.zeros([BD], dtype=tl.float32)
         for s in range(start, stop):
             t = tn
@@ -224,24 +254,12 @@ def _scan_bwd1_kernel(
             go = g_n.to(tl.float32)
             Bt = b_n
             Ct = c_n
-            if HAS_Z:
-                zt = z_n.to(tl.float32)
-            if REVERSE:
-                tn = tl.maximum(t - 1, 0)
-            else:
-                tn = tl.minimum(t + 1, L - 1)
-            u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-            dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-            g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-            b_n = tl.load(pb + tn * 2 * NP)
-            c_n = tl.load(pc + tn * 2 * NP)
-            if HAS_Z:
-                z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+            zt = z_n.to(tl.float32)
+            tn = _next_index(t, L, not REVERSE)
+            u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl,
+                                                            DIM, md, HAS_Z, True, False, NP)
 
-            if HAS_BIAS:
-                dl = dl + bias
-            if SOFTPLUS:
-                dl, _ = _softplus_and_slope(dl)
+            dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
             h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
             hc = h * Ct[:, None]
             y = tl.sum(hc, axis=0)
@@ -261,7 +279,6 @@ def _scan_bwd1_kernel(
         tl.store(ds_ptr + (b * nc + c) * DIM + offs_d, loc, mask=md)
         tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)
     tl.store(accf_ptr + b * N * DIM + nd_off, accf, mask=mnd)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Backward pass 2: reverse time. dh recurrence; du, ddelta, dB partials, dA, dD, d(delta_bias) per row.
@@ -283,31 +300,11 @@ def _scan_bwd2_kernel(
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
     reset exactly from the stored state at each chunk start; `loc` is delta summed from the chunk start
     to s."""
-    pid_d = tl.program_id(0)
-    nblk = tl.num_programs(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    md = offs_d < DIM
-    offs_n = tl.arange(0, NP)
-    mn = offs_n < N
-    mnd = mn[:, None] & md[None, :]
-    nd_off = offs_n[:, None] * DIM + offs_d[None, :]
-    A2 = tl.load(A_ptr + nd_off, mask=mnd, other=0.0) * LOG2E
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    pu = u_ptr + b * s_ub + offs_d * s_ud
-    pdl = dl_ptr + b * s_db + offs_d * s_dd
-    pz = z_ptr + b * s_zb + offs_d * s_zd
-    pg = go_ptr + b * s_gb + offs_d * s_gd
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdb, nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dbp_ptr, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK)
     pdu = du_ptr + b * s_dub + offs_d * s_dud
     pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
-    pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
-    pc = pb + NP
-    pf = f_ptr + b * L * DIM + offs_d
-    pdb = dbp_ptr + (b * nblk + pid_d) * L * N + offs_n
-    nc = tl.cdiv(L, CHUNK)
 
     acc = tl.load(accf_ptr + b * N * DIM + nd_off, mask=mnd, other=0.0)
     carry = tl.zeros([NP, BD], dtype=tl.float32)
@@ -324,14 +321,8 @@ def _scan_bwd2_kernel(
             tn = L - stop
         else:
             tn = stop - 1
-        u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-        dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-        g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-        f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
-        b_n = tl.load(pb + tn * 2 * NP)
-        c_n = tl.load(pc + tn * 2 * NP)
-        if HAS_Z:
-            z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
+                                                        md, HAS_Z, True, True, NP)
         for j in range(stop - start):
             t = tn
             u = u_n.to(tl.float32)
@@ -340,27 +331,12 @@ def _scan_bwd2_kernel(
             f = f_n
             Bt = b_n
             Ct = c_n
-            if HAS_Z:
-                zt = z_n.to(tl.float32)
-            if REVERSE:
-                tn = tl.minimum(t + 1, L - 1)
-            else:
-                tn = tl.maximum(t - 1, 0)
-            u_n = tl.load(pu + tn * s_ul, mask=md, other=0.0)
-            dl_n = tl.load(pdl + tn * s_dl, mask=md, other=0.0)
-            g_n = tl.load(pg + tn * s_gl, mask=md, other=0.0)
-            f_n = tl.load(pf + tn * DIM, mask=md, other=0.0)
-            b_n = tl.load(pb + tn * 2 * NP)
-            c_n = tl.load(pc + tn * 2 * NP)
-            if HAS_Z:
-                z_n = tl.load(pz + tn * s_zl, mask=md, other=0.0)
+            zt = z_n.to(tl.float32)
+            tn = _next_index(t, L, REVERSE)
+            u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl,
+                                                            DIM, md, HAS_Z, True, True, NP)
 
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dl, slope = _softplus_and_slope(raw)
-            else:
-                dl = raw
+            dl, slope = _delta(raw, bias, HAS_BIAS, SOFTPLUS)
             if HAS_Z:
                 g = go * zt * _sigmoid(zt)
             else:
@@ -379,8 +355,7 @@ def _scan_bwd2_kernel(
             if HAS_D:
                 du += Dv * g
                 dd_acc += g * u
-            if SOFTPLUS:
-                ddt = ddt * slope
+            ddt = ddt * slope
             dbias_acc += ddt
             tl.store(pdu + t * s_dul, du.to(du_ptr.dtype.element_ty), mask=md)
             tl.store(pddl + t * s_ddl, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
@@ -421,14 +396,10 @@ def _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, W: tl.constexpr, DI
     return acc
 
 
-@triton.jit(do_not_specialize=["L"])
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L,
-    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
-):
-    """out[t] = act(bias + sum_k w[k] x[t - (W-1-k) * DIR]) for a (BT, BD) tile; DIR = -1 is `reverse`."""
+@triton.jit
+def _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """This program's (BT steps, BD channels) tile: positions, channels, batch row, channel mask, bias (0 when
+    absent) and x's row pointer per channel."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     b = tl.program_id(2).to(tl.int64)
@@ -437,7 +408,18 @@ def _conv_fwd_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BD], dtype=tl.float32)
-    x_base = x_ptr + b * s_xb + offs_d[None, :] * s_xd
+    return t, offs_d, b, md, bias, x_ptr + b * s_xb + offs_d[None, :] * s_xd
+
+
+@triton.jit(do_not_specialize=["L"])
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr,
+):
+    """out[t] = act(bias + sum_k w[k] x[t - (W-1-k) * DIR]) for a (BT, BD) tile; DIR = -1 is `reverse`."""
+    t, offs_d, b, md, bias, x_base = _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS, BT, BD)
     pre = _conv_pre(x_base, w_ptr + offs_d * s_wd, bias, t, s_xl, s_wk, 0, L, md, W, DIR, BT, BD)
     if SILU:
         pre = pre * _sigmoid(pre)
@@ -456,20 +438,11 @@ def _conv_bwd_kernel(
     """One pass, no scratch: dx[t] = sum_j w[W-1-j] dpre[t + j] needs dpre W-1 steps ahead, so the tile
     recomputes the pre-activations there (from L1-resident x) instead of reading a stored dpre.
     dw and dbias: per-tile partial sums, (tiles, W, D) and (tiles, D), summed by the caller."""
-    pid_t = tl.program_id(0)
-    t = pid_t * BT + tl.arange(0, BT)
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
-    b = tl.program_id(2).to(tl.int64)
-    md = offs_d < DIM
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
-    x_base = x_ptr + b * s_xb + offs_d[None, :] * s_xd
+    t, offs_d, b, md, bias, x_base = _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS, BT, BD)
     g_base = go_ptr + b * s_gb + offs_d[None, :] * s_gd
     w_base = w_ptr + offs_d * s_wd
     dx = tl.zeros([BT, BD], dtype=tl.float32)
-    tile = b * tl.num_programs(0) + pid_t
+    tile = b * tl.num_programs(0) + tl.program_id(0)
     for j in tl.static_range(W):
         dpre = _conv_tap(g_base, t, s_gl, j, L, md, DIR)  # dout at t + j (0 outside the sequence)
         if SILU:
@@ -763,9 +736,9 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False):
 # Registration
 # ----------------------------------------------------------------------------------------------------
 
-# The backend's conv: causal-conv1d's kernel where it is installed (measured on the H100 it is as fast or
-# faster at L = 258, the model's length, and within 5% either way at 1026), else ours, which beats the
-# PyTorch fallback 4-10x. See docs/triton-scan.md.
+# The backend's conv: causal-conv1d's kernel where it is installed (on the H100 it is 5-27% faster
+# forward+backward at L = 258, the model's length; ours is 7% faster at 1026), else ours, which beats the
+# PyTorch fallback 6-15x forward. See docs/triton-scan.md.
 def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False):
     """The triton backend's conv: causal-conv1d's kernel when installed, else our Triton kernel."""
     from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
@@ -786,5 +759,5 @@ register_backend(ScanBackend(
     is_available=is_available,
     install_hint="pip install triton (Linux with an NVIDIA GPU; it comes with PyTorch's CUDA wheels)",
     devices=("cuda",),
-    priority=20,  # above mamba_ssm's 10: 2-3.5x faster forward+backward on the H100 (docs/triton-scan.md)
+    priority=20,  # above mamba_ssm's 10: 2.1-3.5x faster forward+backward on the H100 (docs/triton-scan.md)
 ))
