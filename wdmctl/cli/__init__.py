@@ -9,11 +9,13 @@ from wdmctl.cli.app import app
 # command modules register themselves on import; keep this list sorted
 from wdmctl.cli import bench as _bench  # noqa: F401,E402
 from wdmctl.cli import bench_scan as _bench_scan  # noqa: F401,E402
+from wdmctl.cli import bench_train as _bench_train  # noqa: F401,E402
 from wdmctl.cli import cache as _cache  # noqa: F401,E402
 from wdmctl.cli import export as _export  # noqa: F401,E402
 from wdmctl.cli import fid as _fid  # noqa: F401,E402
 from wdmctl.cli import model as _model  # noqa: F401,E402
 from wdmctl.cli import sample as _sample  # noqa: F401,E402
+from wdmctl.cli import train as _train  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,375 @@
+"""`wdmctl train`: every shipped recipe at tiny size, exact resume, interrupted saves, run folders,
+non-finite steps, the stop signal, a 2-process run, and the pieces of the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from wdmctl import config, training
+from wdmctl.cli import app
+from wdmctl.errors import WdmError
+from wdmctl.pipeline import load_pipeline
+from wdmctl.runs import (checkpoint_pipeline, find_run, latest_checkpoint, list_checkpoints, newest_run)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+# a few-step, few-kilobyte version of any recipe: 8x8 digits, 16 tokens, width 16, one block per encoder
+TINY = [
+    "model.width=16", "model.depth=1", "model.patch_size=2", "model.scan_backend=torch-sequential",
+    "train.batch_size=4", "train.max_steps=2", "train.checkpoint_every=2", "train.precision=no",
+    "data.num_workers=0", "sample.grid_n=4", "sample.steps=2", "sample.every=0", "log.every=1",
+    "log.tensorboard=false", "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """The built-in digits at 8x8 in pixel space (1,797 images, 10 classes, with flips)."""
+    from wdmctl.data.cache import build_cache
+
+    out = tmp_path_factory.mktemp("cache") / "digits8"
+    build_cache("digits", out, resolution=8, vae="none")
+    return out
+
+
+def tiny(cache: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.cache={json.dumps(str(cache))}", *extra]
+
+
+def run_train(recipe: Path, runs: Path, sets: list[str], *args: str):
+    cli = ["train", str(recipe), "--runs-dir", str(runs), *args]
+    for s in sets:
+        cli += ["--set", s]
+    return CliRunner().invoke(app, cli)
+
+
+def train_direct(cache: Path, runs: Path, *extra: str, resume: str = "latest", recipe: str = "quickstart") -> Path:
+    loaded = config.load_recipe(RECIPES / f"{recipe}.toml", tiny(cache, *extra))
+    return training.train(loaded, recipe, runs_dir=runs, resume=resume)
+
+
+def state_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Weights, EMA, optimizer state and counters of a checkpoint, flattened to named tensors."""
+    state = {f"model.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    state.update({f"ema.{k}": v for k, v in ema["weights"].items()})
+    state["ema.num_updates"] = torch.tensor(ema["num_updates"])
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    for index, slots in optimizer["state"].items():
+        for name, value in slots.items():
+            state[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    counters = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    state.update({f"counter.{k}": torch.tensor(v) for k, v in counters.items()})
+    return state
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["quickstart", "cifar10", "celebahq", "imagenet256"])
+def test_every_shipped_recipe_trains_at_tiny_size(recipe, digits_cache, tmp_path):
+    result = run_train(RECIPES / f"{recipe}.toml", tmp_path / "runs", tiny(digits_cache))
+    assert result.exit_code == 0, result.output
+    run = find_run(None, tmp_path / "runs")
+    assert run.name == f"00000-{recipe}-{config.load_recipe(RECIPES / f'{recipe}.toml').model.preset.replace('/', '')}"
+    resolved = config.read_recipe_file(run / "recipe.toml")
+    assert (resolved.model.in_channels, resolved.model.sample_size, resolved.model.width) == (3, 8, 16)
+    # celebahq trains unconditionally on the labelled digits; the others take the 10 classes from the cache
+    assert resolved.model.num_classes == (0 if recipe == "celebahq" else 10)
+    pipe = load_pipeline(checkpoint_pipeline(run))
+    assert pipe.meta["step"] == 2 and pipe.meta["images_seen"] == 8 and pipe.meta["num_classes"] == pipe.num_classes
+    assert pipe.meta["autoencoder"]["spec"] == "none" and pipe.meta["latent_shape"] == [3, 8, 8]
+    assert pipe.meta["sample"]["cfg"] == resolved.sample.cfg and pipe.meta["fid"]["num"] == resolved.fid.num
+    assert pipe.scheduler.config.beta_schedule == resolved.diffusion.beta_schedule
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stats] == [1, 2] and all(r["loss"] > 0 for r in stats)
+    assert (run / "samples" / "grid-0000002.png").exists() and (run / "loss.png").exists()
+    assert "checkpoint" in (run / "log.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """4 steps in one go, with gradient accumulation, label dropout and flips: the resume reference."""
+    runs = tmp_path_factory.mktemp("straight")
+    run = train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
+    return state_of(latest_checkpoint(run))
+
+
+def test_resume_is_exact(straight_run, digits_cache, tmp_path):
+    runs = tmp_path / "runs"
+    first = train_direct(digits_cache, runs, "train.max_steps=2", "train.grad_accum=2", "data.flip=true")
+    again = train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
+    assert again == first  # the same command (more steps) continues the same run
+    assert [s for s, _ in list_checkpoints(first)] == [2, 4]
+    assert "resumed from" in (first / "log.txt").read_text()
+    assert_bitwise_equal(state_of(latest_checkpoint(first)), straight_run)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(straight_run, digits_cache, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    run = train_direct(digits_cache, runs, "train.max_steps=2", "train.grad_accum=2", "data.flip=true")
+
+    def crash(folder, *args, **kwargs):  # dies half-way through writing the step-4 checkpoint
+        (folder.parent / "half-written").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "save_pipeline", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert not list((run / "checkpoints").glob(".*"))  # the temporary folder is gone
+    load_pipeline(checkpoint_pipeline(run))            # the previous checkpoint still loads
+    # a kill leaves a temporary folder behind: readers ignore it, the next save replaces it
+    (run / "checkpoints" / ".step-0000004.tmp").mkdir()
+    (run / "checkpoints" / ".step-0000004.tmp" / "model.safetensors").write_text("garbage")
+    assert latest_checkpoint(run).name == "step-0000002"
+    train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
+    assert_bitwise_equal(state_of(latest_checkpoint(run)), straight_run)
+
+
+def test_changed_recipe_starts_a_new_run_and_resume_options(digits_cache, tmp_path):
+    runs = tmp_path / "runs"
+    first = train_direct(digits_cache, runs)
+    # a different learning rate is a different experiment: a new run, with a note saying why
+    second = train_direct(digits_cache, runs, "optim.lr=1e-4")
+    assert second != first and second.name.startswith("00001-")
+    assert "not resuming" in (second / "log.txt").read_text() and "optim.lr" in (second / "log.txt").read_text()
+    # --resume none: always a new run; --resume PATH: continue that run (newer runs notwithstanding)
+    third = train_direct(digits_cache, runs, resume="none")
+    assert third.name.startswith("00002-")
+    continued = train_direct(digits_cache, runs, "train.max_steps=3", resume=str(first))
+    assert continued == first and [s for s, _ in list_checkpoints(first)] == [2, 3]
+    # resuming an older checkpoint never overwrites the newer ones: it continues in a new run
+    older = first / "checkpoints" / "step-0000002"
+    branch = train_direct(digits_cache, runs, "train.max_steps=3", resume=str(older))
+    assert branch.name.startswith("00003-") and (first / "checkpoints" / "step-0000003").exists()
+    with pytest.raises(WdmError, match="model differs"):
+        train_direct(digits_cache, runs, "model.width=8", resume=str(first))
+    with pytest.raises(WdmError, match="--resume must be latest, none"):
+        train_direct(digits_cache, runs, resume=str(tmp_path))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(digits_cache, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_train(RECIPES / "quickstart.toml", runs, tiny(digits_cache), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "[model]" in result.output and "in_channels = 3" in result.output
+    assert "quickstart-WDM-S2 (new)" in result.output and "parameters on 3x8x8, 10 classes" in result.output
+    assert not runs.exists()
+    # without a cache the plan still prints, from the preset, with a note
+    result = run_train(RECIPES / "celebahq.toml", runs, [], "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "not found" in result.output and "4x32x32" in result.output and not runs.exists()
+
+
+def test_bad_overrides_and_missing_cache_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from wdmctl.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the recipe's relative cache path does not exist here
+
+    def error_of(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", str(RECIPES / "quickstart.toml"), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    assert "unknown key optim.learning_rat (did you mean optim.lr?)" in error_of("--set", "optim.learning_rat=1")
+    assert "train.batch_size must be an integer, got 'big'" in error_of("--set", "train.batch_size=big")
+    assert "data.cache caches/digits16 does not exist; build it with `wdmctl cache`" in error_of()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(digits_cache, tmp_path, monkeypatch):
+    real = training.diffusion_loss
+    calls = {"n": 0}
+
+    def nan_at_second_step(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", nan_at_second_step)
+    run = train_direct(digits_cache, tmp_path / "a", "train.max_steps=3")
+    counters = torch.load(latest_checkpoint(run) / "custom_checkpoint_1.pkl", weights_only=False)
+    assert counters == {"step": 3, "images_seen": 8, "skipped_steps": 1, "nonfinite_in_a_row": 0}
+    assert "step 1: non-finite loss nan" in (run / "log.txt").read_text()
+
+    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(WdmError, match=r"non-finite for 2 steps in a row .*optim\.lr"):
+        train_direct(digits_cache, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=2")
+
+
+def test_a_stop_signal_checkpoints_at_the_step_boundary(digits_cache, tmp_path, monkeypatch):
+    real = training.diffusion_loss
+    calls = {"n": 0}
+
+    def interrupt_during_first_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C (or SLURM's SIGTERM) does mid-step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", interrupt_during_first_step)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(training.TrainingInterrupted, match="stopped at step 1; checkpoint saved") as info:
+        train_direct(digits_cache, tmp_path / "runs", "train.max_steps=4")
+    assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
+    run = newest_run(tmp_path / "runs")
+    assert [s for s, _ in list_checkpoints(run)] == [1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(digits_cache, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` without a GPU (torchrun; the ranks join over gloo):
+    one run folder, per-rank RNG states, and resume."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "wdmctl", "train", str(RECIPES / "cifar10.toml"), "--runs-dir", str(tmp_path / "runs")]
+    for s in tiny(digits_cache, "train.batch_size=8"):
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for steps in (2, 3):
+        proc = subprocess.run(cmd + ["--max-steps", str(steps)], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+    checkpoint = latest_checkpoint(run)
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    log = (run / "log.txt").read_text()
+    assert "batch 8 = 2 proc x 1 accum x 4" in log and "resumed from" in log
+    assert load_pipeline(checkpoint / "pipeline").meta["images_seen"] == 24
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------
+
+class Numbers(torch.utils.data.Dataset):
+    """Item i is (i, global-RNG draw): shows which images a batch holds and that their noise is seeded."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), torch.rand(()).item()]), 0
+
+
+def test_data_stream_is_seeded_epoch_permuted_and_the_same_for_any_process_count():
+    one = training.StepBatches(Numbers(), batch_size=4, grad_accum=1, world_size=1, rank=0, seed=7)
+    two = [training.StepBatches(Numbers(), batch_size=4, grad_accum=2, world_size=2, rank=r, seed=7) for r in (0, 1)]
+    for step in range(5):
+        images = one.indices(step, 0)
+        assert sorted(images) == sorted(i for r in two for m in range(2) for i in r.indices(step, m))
+    epoch = [i for step in range(5) for i in one.indices(step, 0)][:10]  # 2.5 steps of 4 = one epoch of 10
+    assert sorted(epoch) == list(range(10))
+    a, b = one[3], training.StepBatches(Numbers(), 4, 1, 1, 0, seed=7)[3]
+    assert torch.equal(a[2], b[2]) and a[:2] == (3, 0)  # same item, same noise: no hidden state
+    torch.manual_seed(123)
+    before = torch.rand(())
+    torch.manual_seed(123)
+    _ = one[0]
+    assert torch.equal(torch.rand(()), before)  # reading a batch leaves the global RNG alone
+    with pytest.raises(WdmError, match="not divisible"):
+        training.StepBatches(Numbers(), batch_size=6, grad_accum=2, world_size=2, rank=0, seed=0)
+
+
+def test_weight_decay_groups_and_learning_rate():
+    from wdmctl.models import build_model
+
+    model = build_model("WDM-S/2", width=16, depth=1, sample_size=8, in_channels=3, num_classes=10)
+    decay, no_decay = training.param_groups(model, 0.03)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    assert len(decay_names) + len(no_decay_names) == len(names)
+    for name in no_decay_names:
+        assert name.endswith(("A_log", "D", "bias", "norm.weight", "norm_out.weight", "pos_embed",
+                              "class_embed.weight", "scale_shift_table")), name
+    assert {"pos_embed", "class_embed.weight"} <= no_decay_names
+    assert any(n.endswith("A_log") for n in no_decay_names) and any(n.endswith("in_proj.weight") for n in decay_names)
+    assert [training.learning_rate(s, 1.0, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert training.learning_rate(0, 2e-4, 0) == 2e-4
+
+
+def test_ema_decay_warmup_and_round_trip():
+    net = torch.nn.Linear(2, 2)
+    ema = training.EMA(net, decay=0.9, warmup=False)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(net)
+    assert torch.allclose(ema.model.weight, before + 0.1 * (net.weight - before))
+    assert training.EMA(net, 0.9999, warmup=True).current_decay() == pytest.approx(2 / 11)
+    copy = training.EMA(torch.nn.Linear(2, 2), 0.9)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.num_updates == 1 and torch.equal(copy.model.weight, ema.model.weight)
+
+
+def test_grid_labels_and_loss_curve(tmp_path):
+    assert training.grid_labels(4, 0) is None
+    assert training.grid_labels(12, 10) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert training.grid_labels(4, 1000) == [0, 250, 500, 750]
+    from PIL import Image
+
+    path = training.draw_loss_curve([10, 20, 30], [1.0, 0.5, float("nan")], tmp_path / "loss.png")
+    image = Image.open(path)
+    assert image.size == (640, 400)
+    assert len(set(image.getdata())) > 2  # axes, labels and the curve were drawn
+    training.draw_loss_curve([], [], tmp_path / "empty.png")  # no records yet: an empty frame, no error
+
+
+def test_run_lookup_helpers(tmp_path):
+    from wdmctl.runs import create_run_dir, model_tag
+
+    assert model_tag("WDM-XL/2") == "WDM-XL2"
+    with pytest.raises(WdmError, match="no runs under"):
+        find_run(None, tmp_path)
+    a = create_run_dir(tmp_path, "demo-WDM-S2")
+    b = create_run_dir(tmp_path, "other-WDM-B2")
+    assert (a.name, b.name) == ("00000-demo-WDM-S2", "00001-other-WDM-B2")
+    assert find_run(None, tmp_path) == b and find_run("0", tmp_path) == a and find_run(str(a)) == a
+    assert newest_run(tmp_path, "demo-WDM-S2") == a
+    with pytest.raises(WdmError, match="not found"):
+        find_run("7", tmp_path)
+    with pytest.raises(WdmError, match="has no checkpoints yet"):
+        checkpoint_pipeline(a)
+    for step in (5, 10):
+        (a / "checkpoints" / f"step-{step:07d}" / "pipeline" / "denoiser").mkdir(parents=True)
+        (a / "checkpoints" / f"step-{step:07d}" / "pipeline" / "denoiser" / "config.json").write_text("{}")
+    assert checkpoint_pipeline(a).parent.name == "step-0000010"
+    assert checkpoint_pipeline(a, "5").parent.name == "step-0000005"
+    with pytest.raises(WdmError, match="no checkpoint at step 7; it has 5, 10"):
+        checkpoint_pipeline(a, 7)
+
+
+def test_benchmark_train_step_on_cpu():
+    row = training.benchmark_train_step("WDM-S/2", "torch-sequential", batch_size=2, resolution=8, precision="fp32",
+                                        iters=1, warmup=0, width=16, depth=1)
+    assert row["images_per_s"] > 0 and row["peak_memory_gib"] is None and row["latent"] == [4, 8, 8]
+    uvit = training.benchmark_train_step("UViT-S/2", batch_size=2, resolution=8, precision="bf16", iters=1, warmup=0,
+                                         width=16, num_heads=2, depth=1)
+    assert uvit["backend"].startswith("n/a")
