@@ -168,6 +168,27 @@ def test_changed_recipe_starts_a_new_run_and_resume_options(digits_cache, tmp_pa
         train_direct(digits_cache, runs, resume=str(tmp_path))
 
 
+def test_a_run_in_use_is_not_written_by_a_second_process(digits_cache, tmp_path):
+    import socket
+
+    from wdmctl.runs import RunLock
+
+    runs = tmp_path / "runs"
+    run = train_direct(digits_cache, runs)
+    assert not (run / ".lock").exists()  # released at the end
+    lock = RunLock(run).acquire()        # held by a live process (this one)
+    try:
+        with pytest.raises(WdmError, match=r"is in use by process \d+ on .*--resume none"):
+            train_direct(digits_cache, runs, "train.max_steps=3")
+    finally:
+        lock.release()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    train_direct(digits_cache, runs, "train.max_steps=3")  # a stale lock is taken over
+    assert latest_checkpoint(run).name == "step-0000003" and not (run / ".lock").exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(digits_cache, tmp_path):
     runs = tmp_path / "runs"
     result = run_train(RECIPES / "quickstart.toml", runs, tiny(digits_cache), "--dry-run")

@@ -15,8 +15,11 @@ A checkpoint folder is written under a temporary dot-name and renamed when compl
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 
 from wdmctl.errors import WdmError
@@ -156,3 +159,52 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(doomed)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
+
+
+class RunLock:
+    """`run/.lock` while a training process writes the run: a second `wdmctl train` of the same recipe
+    (say, a job requeued while the first still runs) would otherwise resume and write the same checkpoints.
+    A lock left by a process that no longer exists on this host is taken over."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _process_alive(other.get("pid")):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise WdmError(f"run {self.path.parent} is in use by process {other.get('pid', '?')} on "
+                               f"{other.get('host', '?')} (since {other.get('since', '?')}); wait for it, or start "
+                               f"a new run with --resume none (delete {self.path} if that process is gone)") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise WdmError(f"could not lock {self.path.parent}")  # pragma: no cover - lost a race twice
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _process_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from wdmctl import config as cfg
 from wdmctl.errors import WdmError
 from wdmctl.pipeline import save_pipeline, write_json_atomic
-from wdmctl.runs import (checkpoint_dir, create_run_dir, latest_checkpoint, list_checkpoints, newest_run,
+from wdmctl.runs import (RunLock, checkpoint_dir, create_run_dir, latest_checkpoint, list_checkpoints, newest_run,
                          remove_tree, resolve_checkpoint_arg, run_suffix)
 
 # purposes mixed into derived seeds, so the streams of one step never coincide
@@ -552,13 +552,8 @@ def _format_duration(seconds: float) -> str:
 def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", resume: str = "latest") -> Path:
     """Train (or resume) a run of `recipe`; returns the run folder. Works the same under `accelerate launch`
     with any number of processes. See the module docstring for the step and checkpoint semantics."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
-
-    from wdmctl.data.cache import LatentDataset
-    from wdmctl.diffusion import make_noise_scheduler
-    from wdmctl.models.presets import build_model
-    from wdmctl.scan import resolve_backend
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     # join the launcher's process group (over gloo when there is no GPU), so the main process decides for all
     cpu = not torch.cuda.is_available()
@@ -569,10 +564,12 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
                        f"`accelerate launch --multi_gpu --num_processes N -m wdmctl train ...`")
     # ---- plan (main process) and share the decision --------------------------------------------------
     decision: list[Any] = [None]
+    lock: RunLock | None = None
     if state.is_main_process:
         try:
             plan = plan_run(recipe, recipe_name, runs_dir, resume)
             run_dir = plan.run_dir or create_run_dir(runs_dir, plan.suffix)
+            lock = RunLock(run_dir).acquire()
             old = run_dir / "recipe.toml"
             text = f"# resolved recipe of {run_dir.name} (from {recipe_name}; wdmctl train)\n" + cfg.to_toml(plan.recipe)
             if not old.exists() or old.read_text() != text:
@@ -581,18 +578,38 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
                 os.replace(tmp, old)
             decision = [(str(run_dir), str(plan.resume_from) if plan.resume_from else None, plan.notes, None)]
         except WdmError as err:
+            if lock is not None:
+                lock.release()
+                lock = None
             decision = [(None, None, [], str(err))]
     if state.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
     run_dir_text, resume_text, notes, error = decision[0]
     if error:
         raise WdmError(error)
-    run_dir = Path(run_dir_text)
+    try:
+        return _train_in(Path(run_dir_text), resume_text, notes, recipe, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: cfg.Recipe, state) -> Path:
+    """The part of `train` after the run folder is decided (and locked)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from wdmctl.data.cache import LatentDataset
+    from wdmctl.diffusion import make_noise_scheduler
+    from wdmctl.models.presets import build_model
+    from wdmctl.scan import resolve_backend
+
     manifest = load_cache_manifest(recipe)
     recipe = cfg.resolve(recipe, manifest)
     t = recipe.train
 
     # ---- accelerator, model, optimizer ---------------------------------------------------------------
+    cpu = state.device.type == "cpu"
     precision = resolve_precision(t.precision, state.device.type)
     log_with = "tensorboard" if recipe.log.tensorboard and _tensorboard_available() else None
     accelerator = Accelerator(
