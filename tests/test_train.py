@@ -220,43 +220,42 @@ def test_bad_overrides_and_missing_cache_are_one_line_errors(tmp_path, monkeypat
     assert not (tmp_path / "runs").exists()
 
 
+def patch_loss(monkeypatch, on_call):
+    """Route the loop's loss through `on_call(call_number, loss) -> loss` (calls count from 1)."""
+    real, calls = training.diffusion_loss, [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        return on_call(calls[0], real(*args, **kwargs))
+
+    monkeypatch.setattr(training, "diffusion_loss", patched)
+
+
 def test_nonfinite_steps_are_skipped_then_training_stops(digits_cache, tmp_path, monkeypatch):
-    real = training.diffusion_loss
-    calls = {"n": 0}
-
-    def nan_at_second_step(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
-    monkeypatch.setattr(training, "diffusion_loss", nan_at_second_step)
+    patch_loss(monkeypatch, lambda n, loss: loss * float("nan") if n == 2 else loss)
     run = train_direct(digits_cache, tmp_path / "a", "train.max_steps=3")
     counters = torch.load(latest_checkpoint(run) / "custom_checkpoint_1.pkl", weights_only=False)
     assert counters == {"step": 3, "images_seen": 8, "skipped_steps": 1, "nonfinite_in_a_row": 0}
     assert "step 1: non-finite loss nan" in (run / "log.txt").read_text()
 
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    patch_loss(monkeypatch, lambda n, loss: loss * float("nan"))
     with pytest.raises(WdmError, match=r"non-finite for 2 steps in a row .*optim\.lr"):
         train_direct(digits_cache, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=2")
 
 
 def test_a_stop_signal_checkpoints_at_the_step_boundary(digits_cache, tmp_path, monkeypatch):
-    real = training.diffusion_loss
-    calls = {"n": 0}
-
-    def interrupt_during_first_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
+    def interrupt_during_first_step(n, loss):
+        if n == 1:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C (or SLURM's SIGTERM) does mid-step
-        return real(*args, **kwargs)
+        return loss
 
-    monkeypatch.setattr(training, "diffusion_loss", interrupt_during_first_step)
+    patch_loss(monkeypatch, interrupt_during_first_step)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(training.TrainingInterrupted, match="stopped at step 1; checkpoint saved") as info:
         train_direct(digits_cache, tmp_path / "runs", "train.max_steps=4")
     assert info.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
     run = newest_run(tmp_path / "runs")
-    assert [s for s, _ in list_checkpoints(run)] == [1]
+    assert [s for s, _ in list_checkpoints(run)] == [1] and "stop requested" in (run / "log.txt").read_text()
 
 
 @pytest.mark.slow

@@ -801,6 +801,7 @@ class _Loop:
             if stop_requested:
                 if self.last_saved != p.step:
                     self._checkpoint(interval)
+                self.reporter.line(f"stop requested (SIGINT/SIGTERM): stopped at step {p.step}")
                 raise TrainingInterrupted(f"stopped at step {p.step}; checkpoint saved in {self.run_dir}; rerun the "
                                           f"same command to resume")
 
