@@ -5,7 +5,8 @@ need no TensorRT (profile shapes, cache keys, engine lookup).
 Tolerances (ONNX Runtime vs the fp32 PyTorch model, eps ~ N(0, 1)), from wdmctl.export.verify:
   fp32: max-abs 1e-3, rel-L2 1e-4   (measured on these models: ~2e-7 max-abs, ~6e-7 rel-L2)
   fp16: max-abs 5e-2, rel-L2 1e-2   (measured: ~2e-4 max-abs, ~4e-4 rel-L2)
-Each dynamo export of a tiny model takes ~10-15 s on 2 CPU cores, so the four exports are module fixtures.
+Tracing is the slow part (dynamic shapes several times slower than static), so the three dynamo exports
+are module fixtures shared by the tests, and the failure-injection tests replay an already traced graph.
 """
 
 from __future__ import annotations
@@ -92,17 +93,19 @@ def conditional_export(saved_conditional):
 
 @pytest.fixture(scope="module")
 def unconditional_export(tmp_path_factory):
-    """Through the API: sequential scan, fp32, dynamic batch up to 3."""
+    """Through the API: sequential scan (17 unrolled steps per block), fp32, batch 3."""
     out = tmp_path_factory.mktemp("uncond")
-    settings = ExportSettings(batch_size=3, scan="sequential", dynamic_batch=True)
+    settings = ExportSettings(batch_size=3, scan="sequential")
     export_onnx(tiny_model(0), out, settings, {"weights_sha256": "uncond", "ema": True}, log=QUIET)
     return out
 
 
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
+    """fp16 with a dynamic batch (1..4), one chunk per scan (dynamic shapes make tracing several times
+    slower, so this graph is the smallest)."""
     out = tmp_path_factory.mktemp("fp16")
-    settings = ExportSettings(batch_size=2, dtype="fp16", chunk_size=16)
+    settings = ExportSettings(batch_size=2, dtype="fp16", chunk_size=32, dynamic_batch=True)
     export_onnx(tiny_model(NUM_CLASSES), out, settings, {"weights_sha256": "fp16", "ema": True}, log=QUIET)
     return out
 
@@ -166,6 +169,7 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     assert m["onnx"]["sha256"] == sha256_file(conditional_export / ONNX_FILE)
     assert m["onnx"]["exporter"] == "dynamo" and m["onnx"]["exporter_note"] is None
     assert m["onnx"]["opset"] == 20 and m["onnx"]["external_data"] is None
+    assert m["onnx"]["external_data_sha256"] is None and len(m["onnx"]["content_sha256"]) == 64
     graph = load_graph(conditional_export)
     assert m["onnx"]["node_count"] == len(graph.graph.node) == sum(m["onnx"]["op_histogram"].values())
     assert m["onnx"]["export_seconds"] > 0
@@ -185,19 +189,25 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     assert m["tensorrt"] == {"engines": []}
 
 
-def test_dynamic_unconditional_manifest_and_verification(unconditional_export):
+def test_unconditional_manifest(unconditional_export):
     m = read_manifest(unconditional_export)
     assert not m["conditional"] and m["null_class"] is None
-    assert [i["name"] for i in m["inputs"]] == ["x", "timesteps"]
-    assert m["inputs"][0]["shape"] == ["batch", 4, 8, 8] and m["batch_range"] == [1, 3]
+    assert [(i["name"], i["shape"]) for i in m["inputs"]] == [("x", [3, 4, 8, 8]), ("timesteps", [3])]
+    assert m["batch_range"] == [3, 3]
     assert m["settings"]["scan"] == "sequential" and m["settings"]["chunk_size"] == 1
-    assert sorted({c["batch"] for c in m["verification"]["cases"]}) == [1, 3]
-    assert m["verification"]["rel_l2"] < 1e-5
+    assert m["verification"]["passed"] and m["verification"]["rel_l2"] < 1e-5
 
 
-def test_fp16_verified_with_the_looser_tolerance(fp16_export):
-    v = read_manifest(fp16_export)["verification"]
+def test_fp16_dynamic_manifest_and_looser_tolerance(fp16_export):
+    m = read_manifest(fp16_export)
+    assert m["inputs"][0]["shape"] == ["batch", 4, 8, 8] and m["batch_range"] == [1, 4]
+    assert m["settings"]["dtype"] == "fp16" and m["precision"]["graph"] == "fp16"
+    graph = load_graph(fp16_export)
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    v = m["verification"]
+    assert sorted({c["batch"] for c in v["cases"]}) == [1, 4]
     assert v["passed"] and v["tolerances"] == {"max_abs": 5e-2, "rel_l2": 1e-2}
+    assert 1e-5 < v["rel_l2"] < TOLERANCES["fp16"].rel_l2  # really half precision, within its tolerance
     # really half precision: clearly above fp32 noise, well inside the fp16 tolerance
     assert 1e-5 < v["rel_l2"] < TOLERANCES["fp16"].rel_l2
 
@@ -223,17 +233,18 @@ def test_exported_denoiser_fills_null_labels_and_scalar_time(conditional_export)
     torch.testing.assert_close(denoise(x, t, None), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_dynamic_unconditional_denoiser(unconditional_export):
+def test_unconditional_denoiser(unconditional_export):
     denoise = load_exported_denoiser(unconditional_export, "onnx", "cpu")
-    x, t, _ = inputs(5, conditional=False)  # 3 + 2, no padding
+    x, t, _ = inputs(5, conditional=False)  # 3, then 2 padded to 3
     expected = torch_eps(tiny_model(0), "sequential", x, t)
     torch.testing.assert_close(denoise(x, t), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_fp16_denoiser_within_tolerance(fp16_export):
+@pytest.mark.parametrize("batch", [3, 6])  # any batch up to 4 as it is; 6 = 4 + 2
+def test_fp16_dynamic_denoiser_within_tolerance(fp16_export, batch):
     denoise = load_exported_denoiser(fp16_export, "onnx", "cpu")
-    x, t, y = inputs(4, conditional=True)
-    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=16)
+    x, t, y = inputs(batch, conditional=True)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=32)
     err = (denoise(x, t, y) - expected).norm() / expected.norm()
     assert err < TOLERANCES["fp16"].rel_l2
 
@@ -329,6 +340,24 @@ def test_interrupted_write_leaves_no_final_file(replay_traced_graph, tmp_path, m
     with pytest.raises(WdmError, match="cannot write denoiser.onnx: No space left on device"):
         export_onnx(tiny_model(NUM_CLASSES), tmp_path, ExportSettings(batch_size=2, chunk_size=8), {}, log=QUIET)
     assert _files(tmp_path) == []
+
+
+def test_large_weights_go_to_external_data(replay_traced_graph, tmp_path, monkeypatch):
+    settings = ExportSettings(batch_size=2, chunk_size=8)
+    inline_limit = onnx_export.EXTERNAL_DATA_BYTES
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the weights passed 1.5 GiB
+    m = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, log=QUIET)
+    assert _files(tmp_path) == sorted([MANIFEST_FILE, ONNX_FILE, "denoiser.onnx.data"])
+    assert m["onnx"]["external_data"] == "denoiser.onnx.data"
+    assert m["onnx"]["external_data_sha256"] == sha256_file(tmp_path / "denoiser.onnx.data")
+    assert m["verification"]["passed"]
+    x, t, y = inputs(4, conditional=True)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=8)
+    torch.testing.assert_close(load_exported_denoiser(tmp_path, "onnx")(x, t, y), expected, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", inline_limit)  # inline again: the stale data file goes
+    replaced = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, overwrite=True, log=QUIET)
+    assert _files(tmp_path) == sorted([MANIFEST_FILE, ONNX_FILE])
+    assert replaced["onnx"]["content_sha256"] != m["onnx"]["content_sha256"]
 
 
 def test_torchscript_fallback_is_noted_and_verified(tmp_path, monkeypatch):
@@ -436,11 +465,14 @@ def test_trt_backend_needs_cuda(conditional_export):
         load_exported_denoiser(conditional_export, "tflite", "cpu")
 
 
-def test_profile_shapes_static_and_dynamic(conditional_export, unconditional_export):
+def test_profile_shapes_static_and_dynamic(conditional_export, unconditional_export, fp16_export):
     assert tensorrt_build.profile_shapes(read_manifest(conditional_export)) == {
         "x": [[4, 4, 8, 8]] * 3, "timesteps": [[4]] * 3, "class_labels": [[4]] * 3}
     assert tensorrt_build.profile_shapes(read_manifest(unconditional_export)) == {
-        "x": [[1, 4, 8, 8], [3, 4, 8, 8], [3, 4, 8, 8]], "timesteps": [[1], [3], [3]]}
+        "x": [[3, 4, 8, 8]] * 3, "timesteps": [[3]] * 3}
+    assert tensorrt_build.profile_shapes(read_manifest(fp16_export)) == {
+        "x": [[1, 4, 8, 8], [4, 4, 8, 8], [4, 4, 8, 8]], "timesteps": [[1], [4], [4]],
+        "class_labels": [[1], [4], [4]]}
 
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}

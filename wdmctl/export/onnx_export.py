@@ -395,10 +395,9 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float32",
                          "shape": [_batch_dim(batch, settings), config.in_channels, settings.resolution,
                                    settings.resolution]}],
-            "onnx": {"file": ONNX_FILE, "external_data": ONNX_DATA_FILE if ONNX_DATA_FILE in files else None,
-                     "sha256": sha256_file(staging / ONNX_FILE), "bytes": (staging / ONNX_FILE).stat().st_size,
-                     "exporter": exporter, "exporter_note": note, "opset": settings.opset,
-                     "export_seconds": round(export_seconds, 2), **summary},
+            "onnx": {"file": ONNX_FILE, **_file_hashes(staging, files), "exporter": exporter,
+                     "exporter_note": note, "opset": settings.opset, "export_seconds": round(export_seconds, 2),
+                     **summary},
             "precision": {"graph": settings.dtype, "io": "float32 (class_labels int64)",
                           "fp32_islands": ["A_log/D/dt bias", "softplus", "selective scan", "RMSNorm",
                                            "timestep sinusoid"]},
@@ -413,6 +412,19 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
     log(f"wrote {out_dir / ONNX_FILE} ({exporter} exporter, {summary['node_count']} nodes, "
         f"{export_seconds:.1f} s) and {out_dir / MANIFEST_FILE}")
     return manifest
+
+
+def _file_hashes(staging: Path, files: list[str]) -> dict[str, Any]:
+    """sha256 of the .onnx and of its external data, and `content_sha256` over both: with external data
+    the .onnx holds only offsets, so new weights can leave its bytes unchanged."""
+    import hashlib
+
+    onnx_sha = sha256_file(staging / ONNX_FILE)
+    data_sha = sha256_file(staging / ONNX_DATA_FILE) if ONNX_DATA_FILE in files else None
+    content = hashlib.sha256(f"{onnx_sha}:{data_sha}".encode()).hexdigest()
+    return {"sha256": onnx_sha, "external_data": ONNX_DATA_FILE if data_sha else None,
+            "external_data_sha256": data_sha, "content_sha256": content,
+            "bytes": sum((staging / name).stat().st_size for name in files)}
 
 
 def _batch_dim(batch: int, settings: ExportSettings) -> int | str:

@@ -7,9 +7,9 @@
 * One optimisation profile over the batch: min = opt = max for a static export, 1..N (opt N) for a
   `--dynamic-batch` one.
 * A timing cache per GPU and TensorRT version beside the engines, reused by later builds.
-* Engines are cached under `engines/<key>.plan`, the key hashing the ONNX file's sha256, the TensorRT
-  version, the GPU's name and compute capability, the profile and the optimisation level: an engine is
-  reused only where it was built for exactly that.
+* Engines are cached under `engines/<key>.plan`, the key hashing the sha256 of the ONNX graph and its
+  weights, the TensorRT version, the GPU's name and compute capability, the profile and the optimisation
+  level: an engine is reused only where it was built for exactly that.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def profile_shapes(manifest: dict[str, Any]) -> dict[str, list[list[int]]]:
     return shapes
 
 
-def engine_cache_key(onnx_sha256: str, tensorrt_version: str, gpu: dict[str, str],
+def engine_cache_key(onnx_content_sha256: str, tensorrt_version: str, gpu: dict[str, str],
                      profile: dict[str, list[list[int]]], optimization_level: int) -> str:
     """A name for the engine that changes whenever anything it depends on changes."""
-    payload = json.dumps({"onnx": onnx_sha256, "tensorrt": tensorrt_version, "gpu": gpu["name"],
+    payload = json.dumps({"onnx": onnx_content_sha256, "tensorrt": tensorrt_version, "gpu": gpu["name"],
                           "compute_capability": gpu["compute_capability"], "profile": profile,
                           "optimization_level": optimization_level}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -165,7 +165,7 @@ def build_engine(export_dir: str | Path, device: torch.device | str = "cuda",
     onnx_path = export_dir / manifest["onnx"]["file"]
     gpu = gpu_identity(device)
     shapes = profile_shapes(manifest)
-    key = engine_cache_key(manifest["onnx"]["sha256"], trt.__version__, gpu, shapes, optimization_level)
+    key = engine_cache_key(manifest["onnx"]["content_sha256"], trt.__version__, gpu, shapes, optimization_level)
     engine_file = f"{ENGINE_DIR}/{key}.plan"
     engine_path = export_dir / engine_file
     known = [e for e in manifest.setdefault("tensorrt", {"engines": []})["engines"] if e["key"] == key]
