@@ -59,7 +59,7 @@ def bench_denoiser(
     dtype: str = typer.Option("fp16", help="fp32 | fp16 | bf16, for every backend."),
     scan: str = typer.Option("chunked", help="chunked | sequential: the exported (and compiled) scan form."),
     chunk_size: int = typer.Option(16, help="Tokens per chunk of the chunked scan."),
-    backends: str = typer.Option("eager,compile,onnxruntime,tensorrt", help="Comma-separated subset of: eager, eager-torch-scan, compile, onnxruntime, tensorrt."),
+    backends: str = typer.Option("eager,eager-torch-scan,compile,onnxruntime,tensorrt", help="Comma-separated subset of: eager, eager-torch-scan, compile, onnxruntime, tensorrt."),
     steps: int = typer.Option(50, min=1, help="Solver steps of the timed sampling run."),
     warmup: int = typer.Option(3, min=0, help="Untimed calls before timing."),
     iters: int = typer.Option(20, min=1, help="Timed denoiser calls (the median is reported)."),
