@@ -152,4 +152,4 @@ def test_backend_errors_are_one_line():
     if "mamba_ssm" not in available_backends():
         with pytest.raises(WdmError, match=r'pip install "wdmctl\[cuda\]"'):
             resolve_backend("mamba_ssm", "cuda")
-    assert resolve_backend("auto", "cpu").name == "torch"
+    assert resolve_backend("auto", "cpu").name == "torch-sequential"

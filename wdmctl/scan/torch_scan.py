@@ -115,7 +115,7 @@ register_backend(ScanBackend(
     is_available=_always,
     install_hint="built in",
     devices=("cpu", "cuda", "meta"),
-    priority=0,
+    priority=0,   # chunked: the export default (a graph L/T times smaller than the sequential form's)
     exportable=True,
 ))
 register_backend(ScanBackend(
@@ -125,6 +125,7 @@ register_backend(ScanBackend(
     is_available=_always,
     install_hint="built in",
     devices=("cpu", "cuda", "meta"),
-    priority=-1,
+    priority=1,   # `auto` on a CPU: one (batch, d, N) update per token beats the chunked form's
+                  # (batch, d, T, T, N) decay tensor by ~7x in training (measured, 18 tokens, width 64)
     exportable=True,
 ))
