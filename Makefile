@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+WDM := $(VENV)/bin/wdmctl
 
 .PHONY: install test test-gpu quickstart clean
 
@@ -20,8 +21,13 @@ test: $(VENV)/.installed
 test-gpu:
 	python -m pytest -q -m gpu
 
+# cache -> train -> sample -> fid on scikit-learn's bundled digits, on a CPU; rerunning resumes.
 quickstart: $(VENV)/.installed
-	$(VENV)/bin/wdmctl quickstart
+	$(WDM) cache digits --out caches/digits16 --resolution 16 --vae none
+	$(WDM) train recipes/quickstart.toml
+	$(WDM) sample --n 100 --class random --out samples/quickstart --overwrite
+	$(WDM) fid --json --overwrite > samples/quickstart/fid.json
+	@echo "grid: samples/quickstart/grid.png   FID: samples/quickstart/fid.json"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
