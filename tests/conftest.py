@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU our Triton kernels can only run in Triton's interpreter, and the switch is read when triton_scan
+# is first imported, which any test touching the scan backends may do: set it before every other import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # pytest-xdist runs one worker per core; more intra-op threads than cores makes OpenMP spin and tiny ops
 # take milliseconds instead of microseconds.
 torch.set_num_threads(1)
