@@ -216,7 +216,7 @@ def test_bad_overrides_and_missing_cache_are_one_line_errors(tmp_path, monkeypat
 
     assert "unknown key optim.learning_rat (did you mean optim.lr?)" in error_of("--set", "optim.learning_rat=1")
     assert "train.batch_size must be an integer, got 'big'" in error_of("--set", "train.batch_size=big")
-    assert "data.cache caches/digits16 does not exist; build it with `wdmctl cache`" in error_of()
+    assert "data.cache caches/digits8 does not exist; build it with `wdmctl cache`" in error_of()
     assert not (tmp_path / "runs").exists()
 
 
