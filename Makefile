@@ -23,7 +23,7 @@ test-gpu:
 
 # cache -> train -> sample -> fid on scikit-learn's bundled digits, on a CPU; rerunning resumes.
 quickstart: $(VENV)/.installed
-	$(WDM) cache digits --out caches/digits16 --resolution 16 --vae none
+	$(WDM) cache digits --out caches/digits8 --resolution 8 --vae none
 	$(WDM) train recipes/quickstart.toml
 	$(WDM) sample --n 100 --class random --out samples/quickstart --overwrite
 	$(WDM) fid --json --overwrite > samples/quickstart/fid.json
