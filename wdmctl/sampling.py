@@ -294,11 +294,11 @@ class SampleRequest:
     overwrite: bool = False
 
 
-def _default_out(pipeline_dir: Path, req: SampleRequest, step: Any) -> Path:
+def _default_out(pipeline_dir: Path, req: SampleRequest, step: Any, cfg: float) -> Path:
     # runs/<run>/checkpoints/step-N/pipeline -> runs/<run>/samples/step-N-seed0-n64
     run_dir = pipeline_dir.parent.parent.parent if pipeline_dir.parent.parent.name == "checkpoints" else None
     base = run_dir / "samples" if run_dir else Path("samples")
-    return base / f"step-{step}-seed{req.seed}-n{req.n}-cfg{req.cfg}-{req.backend}"
+    return base / f"step-{step}-seed{req.seed}-n{req.n}-cfg{cfg}-{req.backend}"
 
 
 def run_sample(req: SampleRequest) -> dict[str, Any]:
@@ -340,8 +340,7 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
         denoiser = load_exported_denoiser(export_dir, req.backend, device)
 
     step = pipe.meta.get("step", "model")
-    req_cfg = SampleRequest(**{**req.__dict__, "cfg": cfg})
-    out = Path(req.out) if req.out else _default_out(pipeline_dir, req_cfg, step)
+    out = Path(req.out) if req.out else _default_out(pipeline_dir, req, step, cfg)
     if out.exists() and any(out.iterdir()) and not req.overwrite:
         raise WdmError(f"{out} exists and is not empty; pass --overwrite or choose --out")
     tmp = out.with_name(f".{out.name}.partial")
