@@ -385,9 +385,12 @@ def fake_run(tmp_path, monkeypatch, cache_dir, pixel_inception):
         calls["checkpoint"] = checkpoint
         return pipeline
 
-    def generate_images(pipeline_dir, n, classes, steps, cfg, solver, seed, batch_size, device, precision):
+    def generate_images(pipeline_dir, n, classes, steps, cfg, solver, seed, batch_size, device, precision,
+                        clip_x0, resolved):
         calls["generate"] = dict(pipeline_dir=pipeline_dir, n=n, classes=classes, steps=steps, cfg=cfg,
-                                 solver=solver, seed=seed, batch_size=batch_size, device=device, precision=precision)
+                                 solver=solver, seed=seed, batch_size=batch_size, device=device, precision=precision,
+                                 clip_x0=clip_x0)
+        resolved.update(steps=steps, cfg=cfg, solver=solver, clip_x0=True)  # as the real one fills it
         images = random_images(n, seed=seed + 100)
         for start in range(0, n, batch_size):
             yield images[start:start + batch_size], np.zeros(len(images[start:start + batch_size]), np.int64)
@@ -406,9 +409,10 @@ def test_fid_for_run_uses_the_recipe_and_writes_json(fake_run):
     assert calls["find_run"] is None and calls["checkpoint"] == "latest"
     assert calls["generate"] == dict(pipeline_dir=run_dir / "checkpoints" / "step-0000100" / "pipeline", n=20,
                                      classes=None, steps=7, cfg=1.5, solver="dpm++", seed=0, batch_size=8,
-                                     device="cpu", precision="fp32")
+                                     device="cpu", precision="fp32", clip_x0=None)
     assert result["num"] == 20 and result["fid"] > 0 and result["ref"]["source"].endswith("real")
     assert result["sampler"]["steps"] == 7 and result["sampler"]["seeds"] == [0, 19]
+    assert result["sampler"]["clip_x0"] is True and result["sampler"]["solver"] == "dpm++"
     written = json.loads((run_dir / "fid" / "step-0000100-n20.json").read_text())
     assert written["fid"] == result["fid"] and result["json"].endswith("step-0000100-n20.json")
     with pytest.raises(WdmError, match="exists; pass --overwrite"):

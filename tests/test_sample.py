@@ -11,10 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wdmctl.cli import app
-from wdmctl.diffusion import make_noise_scheduler
+from wdmctl.diffusion import SOLVERS, default_clip_x0, make_noise_scheduler, make_sampler
 from wdmctl.models import build_model
 from wdmctl.pipeline import load_pipeline, pipeline_from_saved, save_pipeline
-from wdmctl.sampling import guided_eps, sample_images
+from wdmctl.errors import WdmError
+from wdmctl.sampling import denoise_loop, guided_eps, sample_images
 
 runner = CliRunner()
 
@@ -86,6 +87,7 @@ def test_cli_writes_pngs_grid_metadata_npz(saved_model, tmp_path):
     assert meta["classes"] == [3, 7, 3, 7, 3] and meta["class_names"][1] == "c7"
     assert meta["steps"] == 2 and meta["cfg"] == 2.0 and meta["solver"] == "dpm++2m" and meta["ema"] is True
     assert meta["seeds"] == [0, 4] and meta["checkpoint_step"] == 7
+    assert meta["clip_x0"] is True  # a pixel model: predicted x0 clipped to [-1, 1] by default
     npz = np.load(out / "samples.npz")
     assert npz["arr_0"].shape == (5, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(npz["arr_1"], [3, 7, 3, 7, 3])
@@ -148,3 +150,77 @@ def test_unconditional_and_solvers(saved_uncond):
     a = sample_images(pipe.model, dict(pipe.scheduler.config), None, [0, 1], None, steps=3, solver="dpm++2m-sde", batch_size=1)
     b = sample_images(pipe.model, dict(pipe.scheduler.config), None, [0, 1], None, steps=3, solver="dpm++2m-sde", batch_size=2)
     np.testing.assert_array_equal(a, b)  # stochastic solvers draw per-image noise too
+
+
+# ----------------------------------------------------------------------------------------------------
+# The solvers themselves, with an exact denoiser
+# ----------------------------------------------------------------------------------------------------
+
+def oracle_denoiser(data: torch.Tensor, abar: torch.Tensor):
+    """The exact epsilon of a dataset of a few images (a Gaussian mixture): a perfect denoiser, so any
+    solver must land on one of those images."""
+    data = data.double()
+
+    def denoise(x, t, y):
+        a = abar[t.round().long()].double().view(-1, 1, 1, 1)
+        d2 = ((x.double()[:, None] - a.sqrt()[:, None] * data[None]) ** 2).flatten(2).sum(-1)
+        w = torch.softmax(-d2 / (2 * (1 - a.view(-1, 1))), dim=1)
+        x0 = torch.einsum("bk,kchw->bchw", w, data)
+        return ((x.double() - a.sqrt() * x0) / (1 - a).sqrt()).float()
+
+    return denoise
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_every_solver_lands_on_the_data_with_an_exact_denoiser(schedule):
+    torch.manual_seed(0)
+    data = torch.rand(6, 3, 4, 4) * 2 - 1
+    kw = {"beta_start": 1e-4, "beta_end": 0.02} if schedule == "linear" else {}
+    config = dict(make_noise_scheduler(beta_schedule=schedule, **kw).config)
+    denoise = oracle_denoiser(data, make_noise_scheduler(beta_schedule=schedule, **kw).alphas_cumprod)
+    for solver in SOLVERS:
+        generators = [torch.Generator().manual_seed(i) for i in range(8)] if solver.endswith("sde") else None
+        x = denoise_loop(denoise, make_sampler(config, solver), torch.randn(8, 3, 4, 4), None, None, 1.0, 30, generators)
+        nearest = ((x[:, None] - data[None]) ** 2).flatten(2).mean(-1).min(1).values
+        assert nearest.max() < 1e-2, (solver, nearest)
+
+
+def test_clip_x0_bounds_what_a_bad_denoiser_can_do():
+    # eps = 0 claims x0 = x_t / sqrt(abar): ~150x the noise at t = 999 of the linear schedule
+    config = dict(make_noise_scheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02).config)
+    noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    for solver in ("dpm++2m", "dpm++3m", "ddim", "unipc"):
+        free = denoise_loop(zero, make_sampler(config, solver), noise, None, None, 1.0, 10, None)
+        clipped = denoise_loop(zero, make_sampler(config, solver, clip_x0=True), noise, None, None, 1.0, 10, None)
+        assert free.abs().max() > 10, solver
+        assert clipped.abs().max() <= 1 + 1e-4, solver
+
+
+def test_clip_x0_defaults_and_refusals(saved_model, tmp_path):
+    assert default_clip_x0({"spec": "none"}, "dpm++2m") and default_clip_x0(None, "ddim")
+    assert not default_clip_x0({"spec": "stabilityai/sd-vae-ft-ema"}, "dpm++2m")  # latents are unbounded
+    assert not default_clip_x0({"spec": "none"}, "euler")                         # euler has no x0 to clip
+    with pytest.raises(WdmError, match="euler cannot clip x_0"):
+        make_sampler(dict(make_noise_scheduler().config), "euler", clip_x0=True)
+    out = tmp_path / "s"
+    r = runner.invoke(app, ["sample", "--model", str(saved_model), "--n", "1", "--steps", "1", "--solver", "euler",
+                            "--clip-x0", "--out", str(out), "--device", "cpu"])
+    assert r.exit_code != 0 and "cannot clip" in str(r.exception) and not out.exists()
+    r = sample(["--model", str(saved_model), "--n", "1", "--steps", "1", "--no-clip-x0", "--out", str(out),
+                "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metadata.json").read_text())["clip_x0"] is False
+
+
+def test_bench_sample_times_each_backend_and_the_same_size_uvit_once(tmp_path):
+    out = tmp_path / "sample.json"
+    r = runner.invoke(app, ["bench", "sample", "--presets", "WDM-S/2", "--backends", "torch,mamba_ssm", "--batch", "1",
+                            "--resolution", "8", "--steps", "1", "--cfgs", "1.0,2.0", "--precisions", "fp32", "--iters", "1", "--out", str(out)],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    rows = [(row["preset"], row["scan_backend"], row["cfg"]) for row in data["results"]]
+    assert rows == [("WDM-S/2", "torch", 1.0), ("WDM-S/2", "torch", 2.0), ("UViT-S/2", None, 1.0), ("UViT-S/2", None, 2.0)]
+    assert all(row["images_per_second"] > 0 and row["steps"] == 1 and row["resolution"] == 8 for row in data["results"])
+    assert data["skipped_backends"] == ["mamba_ssm"]

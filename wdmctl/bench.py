@@ -123,7 +123,7 @@ def benchmark_model(preset: str, scan_backend: str | None, batch: int, resolutio
 
 
 def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps: int = 50, cfg: float = 1.0,
-                       precision: str = "bf16", iters: int = 2) -> dict[str, Any]:
+                       precision: str = "bf16", iters: int = 2, resolution: int = 32) -> dict[str, Any]:
     """Images/s of a full `steps`-step DPM-Solver++ run (denoiser + solver, no autoencoder decode) for a
     randomly initialised preset; cfg != 1 doubles the denoiser batch, as guided sampling does."""
     from wdmctl.diffusion import make_noise_scheduler
@@ -131,7 +131,7 @@ def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps:
     from wdmctl.sampling import sample_images
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(preset).to(device).eval()
+    model = build_model(preset, sample_size=resolution).to(device).eval()
     if scan_backend and model.is_mamba:
         model.set_scan_backend(scan_backend)
     cfg_m = model.config
@@ -147,5 +147,6 @@ def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"preset": preset, "scan_backend": scan_backend if cfg_m.arch != "uvit" else None, "batch": batch,
+            "resolution": resolution,
             "steps": steps, "cfg": cfg, "precision": precision, "seconds_per_batch": round(ms / 1e3, 3),
             "images_per_second": round(batch / ms * 1e3, 2)}

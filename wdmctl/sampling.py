@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from wdmctl.diffusion import SOLVERS, default_solver, make_sampler
+from wdmctl.diffusion import SOLVERS, default_clip_x0, default_solver, make_sampler
 from wdmctl.errors import WdmError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -157,20 +157,22 @@ def sample_images(model, scheduler_config: dict, autoencoder_entry: dict | None,
                   labels: Sequence[int] | None, steps: int = 50, cfg: float = 1.0, solver: str | None = None,
                   batch_size: int = 16, device="cpu", precision: str = "fp32",
                   denoiser: Denoiser | None = None, num_classes: int | None = None,
-                  sample_shape: Sequence[int] | None = None, decoder: Decoder | None = None) -> np.ndarray:
+                  sample_shape: Sequence[int] | None = None, decoder: Decoder | None = None,
+                  clip_x0: bool | None = None) -> np.ndarray:
     """Generate one uint8 NHWC image per seed (image i uses seeds[i] and labels[i]).
 
     `model` gives the shapes, classes and (unless `denoiser` is given, e.g. an ONNX session) the network.
+    `clip_x0` None clips predicted x_0 to [-1, 1] for pixel models only (`diffusion.default_clip_x0`).
     """
     batches = list(iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, labels, steps, cfg,
                                        solver, batch_size, device, precision, denoiser, num_classes, sample_shape,
-                                       decoder))
+                                       decoder, clip_x0))
     return np.concatenate(batches) if batches else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, labels, steps=50, cfg=1.0, solver=None,
                         batch_size=16, device="cpu", precision="fp32", denoiser=None, num_classes=None,
-                        sample_shape=None, decoder=None) -> Iterator[np.ndarray]:
+                        sample_shape=None, decoder=None, clip_x0=None) -> Iterator[np.ndarray]:
     """`sample_images`, one batch at a time."""
     device = torch.device(device)
     if model is not None:
@@ -186,6 +188,7 @@ def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, label
     solver = solver or default_solver(guided)
     if solver not in SOLVERS:
         raise WdmError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+    clip_x0 = default_clip_x0(autoencoder_entry, solver) if clip_x0 is None else clip_x0
     denoise = denoiser or model_denoiser(model, precision)
     decode = decoder or Decoder(autoencoder_entry or {"spec": "none"}, device)
     stochastic = solver.endswith("sde")
@@ -196,7 +199,7 @@ def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, label
         if conditional and labels is not None:
             y = torch.tensor(list(labels[start:start + batch_size]), device=device, dtype=torch.long)
         generators = [torch.Generator(device).manual_seed(int(s) + 1) for s in chunk] if stochastic else None
-        sampler = make_sampler(dict(scheduler_config), solver)
+        sampler = make_sampler(dict(scheduler_config), solver, clip_x0=clip_x0)
         z = denoise_loop(denoise, sampler, noise, y, num_classes if conditional else None, cfg, steps, generators)
         yield to_uint8(decode(z))
 
@@ -247,8 +250,10 @@ def sampling_defaults(meta: dict[str, Any], conditional: bool) -> dict[str, Any]
 
 def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None, steps: int | None, cfg: float | None,
                     solver: str | None, seed: int, batch_size: int, device: str, precision: str,
-                    ema: bool = True, seeds: Sequence[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (uint8 NHWC images, labels) batches for seeds seed .. seed + n - 1 (or `seeds`)."""
+                    ema: bool = True, seeds: Sequence[int] | None = None, clip_x0: bool | None = None,
+                    resolved: dict[str, Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (uint8 NHWC images, labels) batches for seeds seed .. seed + n - 1 (or `seeds`). Arguments left
+    None take the saved recipe's values; `resolved`, if given, receives the settings actually used."""
     from wdmctl.pipeline import load_pipeline
 
     pipe = load_pipeline(pipeline_dir, ema=ema, device=device)
@@ -260,9 +265,13 @@ def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None,
         classes = "random"
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + n))
     labels = labels_for(seeds, classes if conditional else None, pipe.num_classes)
+    cfg = cfg if conditional else 1.0
+    solver = solver or defaults["solver"] or default_solver(conditional and cfg != 1.0)
+    clip_x0 = default_clip_x0(pipe.autoencoder, solver) if clip_x0 is None else clip_x0
+    if resolved is not None:
+        resolved.update(steps=steps, cfg=cfg, solver=solver, clip_x0=clip_x0)
     batches = iter_sample_batches(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, seeds, labels, steps,
-                                  cfg if conditional else 1.0, solver or defaults["solver"], batch_size, device,
-                                  precision)
+                                  cfg, solver, batch_size, device, precision, clip_x0=clip_x0)
     for start, images in zip(range(0, len(seeds), batch_size), batches):
         lab = np.asarray(labels[start:start + len(images)] if labels else [-1] * len(images), dtype=np.int64)
         yield images, lab
@@ -292,6 +301,7 @@ class SampleRequest:
     export_dir: str | None = None
     device: str | None = None
     overwrite: bool = False
+    clip_x0: bool | None = None  # None: on for pixel models, off for latent models
 
 
 def _default_out(pipeline_dir: Path, req: SampleRequest, step: Any, cfg: float) -> Path:
@@ -330,6 +340,8 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
     if cfg < 0:
         raise WdmError(f"--cfg must be >= 0, not {cfg}")
     solver = req.solver or defaults["solver"] or default_solver(conditional and cfg != 1.0)
+    clip_x0 = default_clip_x0(pipe.autoencoder, solver) if req.clip_x0 is None else req.clip_x0
+    make_sampler(dict(pipe.scheduler.config), solver, clip_x0=clip_x0)  # refuse bad combinations before writing
     decoder = Decoder(pipe.autoencoder, device)
     decoder.load()
     denoiser = None
@@ -356,7 +368,8 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
     my_labels = [labels[i] for i in my_idx] if labels else None
     t0 = time.perf_counter()
     images = sample_images(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, my_seeds, my_labels, steps, cfg,
-                           solver, req.batch_size, device, req.precision, denoiser=denoiser, decoder=decoder)
+                           solver, req.batch_size, device, req.precision, denoiser=denoiser, decoder=decoder,
+                           clip_x0=clip_x0)
     seconds = time.perf_counter() - t0
     for i, img in zip(my_idx, images):
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp / f"{seeds[i]:06d}.png")
@@ -364,7 +377,7 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
 
     summary = {
         "model": str(pipeline_dir), "checkpoint_step": step, "ema": req.ema, "solver": solver, "steps": steps,
-        "cfg": cfg, "classes": labels, "class_names": [pipe.class_names[c] for c in labels] if labels and pipe.class_names else None,
+        "cfg": cfg, "clip_x0": clip_x0, "classes": labels, "class_names": [pipe.class_names[c] for c in labels] if labels and pipe.class_names else None,
         "seeds": [req.seed, req.seed + req.n - 1], "n": req.n, "precision": req.precision, "backend": req.backend,
         "scan_backend": req.scan_backend, "device": str(device), "processes": state.num_processes,
         "autoencoder": pipe.autoencoder.get("spec", "none"),

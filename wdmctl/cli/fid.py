@@ -8,12 +8,13 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import typer
 
 from wdmctl.cli.app import app
 from wdmctl.cli.bench import bench_app
+from wdmctl.cli.sample import CLIP_X0_HELP
 
 fid_app = typer.Typer(
     help="FID with the standard Inception: score a run (no sub-command), build reference statistics, score "
@@ -77,8 +78,8 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
     if "sampler" in result:
         sampler = result["sampler"]
         table.add_row("run", f"{result['run']}  checkpoint {result['checkpoint']}")
-        table.add_row("sampler", f"{sampler['solver'] or 'default'} solver, {sampler['steps'] or 'default'} steps, "
-                                 f"cfg {sampler['cfg'] if sampler['cfg'] is not None else 'default'}, EMA, "
+        table.add_row("sampler", f"{sampler['solver']} solver, {sampler['steps']} steps, cfg {sampler['cfg']}, "
+                                 f"x0 clip {'on' if sampler['clip_x0'] else 'off'}, EMA, "
                                  f"seeds {sampler['seeds'][0]}-{sampler['seeds'][1]}")
     ref = result["ref"]
     ref_detail = f"{ref['count']} images of {ref['source']} at {ref['resolution']} px" if ref["provenance"] \
@@ -112,6 +113,7 @@ def fid(
     device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
     inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score JSON of this checkpoint."),
+    clip_x0: Optional[bool] = typer.Option(None, "--clip-x0/--no-clip-x0", help=CLIP_X0_HELP),
 ) -> None:
     """Sample fid.num images from the newest run and score them against the recipe's reference.
 
@@ -125,7 +127,7 @@ def fid(
         result = fid_for_run(run=run, checkpoint=checkpoint, num=num, steps=steps, cfg=cfg, ref=ref,
                              allow_small=allow_small, seed=seed, batch_size=batch_size, device=device,
                              precision=precision, pr=pr, inception=inception, overwrite=overwrite,
-                             on_progress=on_progress)
+                             clip_x0=clip_x0, on_progress=on_progress)
     _print_result(result, as_json)
 
 

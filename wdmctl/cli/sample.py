@@ -9,6 +9,8 @@ import typer
 from wdmctl.cli.app import app
 from wdmctl.cli.bench import bench_app
 
+CLIP_X0_HELP = "Clip each predicted x0 to [-1, 1] (default: on for pixel models, off for latent models)."
+
 
 @app.command("sample")
 def sample(
@@ -32,6 +34,7 @@ def sample(
     export_dir: Optional[str] = typer.Option(None, help="Exported artifacts for --backend onnx|trt (default: <checkpoint>/export)."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: what Accelerate picks)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty output folder."),
+    clip_x0: Optional[bool] = typer.Option(None, "--clip-x0/--no-clip-x0", help=CLIP_X0_HELP),
 ) -> None:
     """Sample images with DPM-Solver++ (classifier-free guidance, per-image seeds, PNGs + grid + metadata)."""
     from rich.console import Console
@@ -42,6 +45,7 @@ def sample(
         run=run, model=model, checkpoint=checkpoint, n=n, classes=classes, steps=steps, cfg=cfg, solver=solver,
         seed=seed, batch_size=batch_size, out=out, grid=grid, npz=npz, ema=not no_ema, precision=precision,
         backend=backend, scan_backend=scan_backend, export_dir=export_dir, device=device, overwrite=overwrite,
+        clip_x0=clip_x0,
     ))
     t = summary["timings"]
     Console().print(f"[green]wrote[/] {summary['n']} images to {summary['out']} "
@@ -52,26 +56,35 @@ def sample(
 @bench_app.command("sample")
 def bench_sample(
     presets: str = typer.Option("WDM-B/2,WDM-XL/2", help="Comma-separated presets (random weights)."),
+    uvit: bool = typer.Option(True, "--uvit/--no-uvit", help="Also time each WD-Mamba preset's same-size U-ViT."),
     backends: str = typer.Option("mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
     batch: int = typer.Option(64, min=1, help="Images per batch."),
+    resolution: int = typer.Option(32, min=2, help="Latent side (32 = 256 px images through the SD VAE)."),
     steps: int = typer.Option(50, min=1, help="Solver steps."),
     cfgs: str = typer.Option("1.0,1.5", help="Guidance weights to time (1 = unguided, one pass per step)."),
     precisions: str = typer.Option("bf16,fp32", help="Denoiser precisions to time."),
+    iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; one untimed first)."),
     out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
 ) -> None:
     """50-step sampling throughput (images/s) per preset, scan backend, guidance and precision."""
     import torch
 
     from wdmctl.bench import benchmark_sampling, write_json
+    from wdmctl.models.presets import PRESETS, SAME_SIZE_UVIT
     from wdmctl.scan import available_backends
 
     usable = available_backends("cuda" if torch.cuda.is_available() else "cpu")
     wanted = [b for b in backends.split(",") if b]
+    names = [p for p in presets.split(",") if p]
+    if uvit:
+        names += [SAME_SIZE_UVIT[p] for p in names if p in SAME_SIZE_UVIT and SAME_SIZE_UVIT[p] not in names]
     rows = []
-    for preset in [p for p in presets.split(",") if p]:
-        for backend in [b for b in wanted if b in usable]:
+    for preset in names:
+        # attention presets have no scan: one row per setting, whatever the backends
+        runs = [b for b in wanted if b in usable] if PRESETS.get(preset, {}).get("arch") != "uvit" else [None]
+        for backend in runs:
             for cfg in [float(c) for c in cfgs.split(",") if c]:
                 for precision in [p for p in precisions.split(",") if p]:
-                    rows.append(benchmark_sampling(preset, backend, batch, steps, cfg, precision))
+                    rows.append(benchmark_sampling(preset, backend, batch, steps, cfg, precision, iters, resolution))
     typer.echo(write_json(out, {"benchmark": "sample", "results": rows,
                                 "skipped_backends": [b for b in wanted if b not in usable]}))

@@ -32,11 +32,11 @@ def _result_path(run_dir: Path, pipeline_dir: Path, num: int) -> Path:
 def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | None = None, steps: int | None = None,
                 cfg: float | None = None, ref: str | None = None, allow_small: bool = False, *, seed: int = 0,
                 batch_size: int = 64, device: str | None = None, precision: str = "fp32", pr: bool = False,
-                inception: str | Path | None = None, overwrite: bool = False,
+                inception: str | Path | None = None, overwrite: bool = False, clip_x0: bool | None = None,
                 on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample `num` images (default: the recipe's `[fid] num`, else 50,000) from a run's checkpoint (the
     newest run and checkpoint by default) and score them; arguments left None come from the recipe's
-    `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`). Writes and returns the score
+    `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`, `clip_x0`). Writes and returns the score
     JSON, extended with the run, checkpoint and sampler settings."""
     from wdmctl.fid.inception import default_device, load_inception
     from wdmctl.pipeline import write_json_atomic
@@ -49,6 +49,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     steps = steps if steps is not None else section.get("steps")
     cfg = cfg if cfg is not None else section.get("cfg")
     solver = section.get("solver")
+    clip_x0 = clip_x0 if clip_x0 is not None else section.get("clip_x0")
     ref_spec = ref or section.get("ref")
     if not ref_spec:
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "
@@ -64,13 +65,15 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     # refuse mismatched statistics before spending the sampling time
     check_reference(load_reference(ref_path), extractor)
 
+    used: dict[str, Any] = {}  # the sampler settings after the saved recipe's defaults, filled while sampling
     batches = generate_images(pipeline_dir=pipeline_dir, n=num, classes=None, steps=steps, cfg=cfg, solver=solver,
-                              seed=seed, batch_size=batch_size, device=device, precision=precision)
+                              seed=seed, batch_size=batch_size, device=device, precision=precision,
+                              clip_x0=clip_x0, resolved=used)
     result = score_images((images for images, _labels in batches), ref_path, num_expected=num,
                           allow_small=allow_small, pr=pr, extractor=extractor, on_progress=on_progress)
     result.update(
         run=str(run_dir), checkpoint=checkpoint, pipeline=str(pipeline_dir),
-        sampler={"solver": solver, "steps": steps, "cfg": cfg, "ema": True, "precision": precision,
+        sampler={**used, "ema": True, "precision": precision,
                  "seeds": [seed, seed + num - 1], "classes": "sampler default (uniform for class-conditional)"},
     )
     out.parent.mkdir(parents=True, exist_ok=True)
