@@ -12,3 +12,22 @@ from wdmctl.cli.app import app
 bench_app = typer.Typer(help="Benchmarks (JSON output naming the GPU; baselines from the same run).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+PRESETS_HELP = "Comma-separated presets (random weights)."
+UVIT_HELP = "Also time each WD-Mamba preset's same-size U-ViT."
+
+
+def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], attention: str | None):
+    """(preset, scan backend) pairs to time: each preset with every wanted backend that is available, and its
+    same-size U-ViT once (it has no scan: `attention` stands in for the backend)."""
+    from wdmctl.models.presets import PRESETS, SAME_SIZE_UVIT
+
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if uvit:
+        names += [SAME_SIZE_UVIT[p] for p in names if p in SAME_SIZE_UVIT and SAME_SIZE_UVIT[p] not in names]
+    wanted = [b.strip() for b in backends.split(",") if b.strip()]
+    runs = []
+    for name in names:
+        scans = [b for b in wanted if b in usable] if PRESETS.get(name, {}).get("arch") != "uvit" else [attention]
+        runs += [(name, backend) for backend in scans]
+    return runs, [b for b in wanted if b not in usable]

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from wdmctl.cli.app import app
-from wdmctl.cli.bench import bench_app
+from wdmctl.cli.bench import PRESETS_HELP, UVIT_HELP, bench_app, preset_runs
 
 CLIP_X0_HELP = "Clip each predicted x0 to [-1, 1] (default: on for pixel models, off for latent models)."
 
@@ -55,8 +55,8 @@ def sample(
 
 @bench_app.command("sample")
 def bench_sample(
-    presets: str = typer.Option("WDM-B/2,WDM-XL/2", help="Comma-separated presets (random weights)."),
-    uvit: bool = typer.Option(True, "--uvit/--no-uvit", help="Also time each WD-Mamba preset's same-size U-ViT."),
+    presets: str = typer.Option("WDM-B/2,WDM-XL/2", help=PRESETS_HELP),
+    uvit: bool = typer.Option(True, "--uvit/--no-uvit", help=UVIT_HELP),
     backends: str = typer.Option("mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
     batch: int = typer.Option(64, min=1, help="Images per batch."),
     resolution: int = typer.Option(32, min=2, help="Latent side (32 = 256 px images through the SD VAE)."),
@@ -70,21 +70,11 @@ def bench_sample(
     import torch
 
     from wdmctl.bench import benchmark_sampling, write_json
-    from wdmctl.models.presets import PRESETS, SAME_SIZE_UVIT
     from wdmctl.scan import available_backends
 
-    usable = available_backends("cuda" if torch.cuda.is_available() else "cpu")
-    wanted = [b for b in backends.split(",") if b]
-    names = [p for p in presets.split(",") if p]
-    if uvit:
-        names += [SAME_SIZE_UVIT[p] for p in names if p in SAME_SIZE_UVIT and SAME_SIZE_UVIT[p] not in names]
-    rows = []
-    for preset in names:
-        # attention presets have no scan: one row per setting, whatever the backends
-        runs = [b for b in wanted if b in usable] if PRESETS.get(preset, {}).get("arch") != "uvit" else [None]
-        for backend in runs:
-            for cfg in [float(c) for c in cfgs.split(",") if c]:
-                for precision in [p for p in precisions.split(",") if p]:
-                    rows.append(benchmark_sampling(preset, backend, batch, steps, cfg, precision, iters, resolution))
+    runs, skipped = preset_runs(presets, uvit, backends, available_backends("cuda" if torch.cuda.is_available() else "cpu"),
+                                attention=None)
+    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution)
+            for preset, backend in runs for cfg in cfgs.split(",") if cfg for precision in precisions.split(",") if precision]
     typer.echo(write_json(out, {"benchmark": "sample", "results": rows,
-                                "skipped_backends": [b for b in wanted if b not in usable]}))
+                                "skipped_backends": skipped}))

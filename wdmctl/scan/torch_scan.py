@@ -47,16 +47,20 @@ def _finish(y, u, D, z, out_dtype, reverse):
 
 def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                               reverse=False, **_):
-    """Reference: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, one token at a time."""
+    """Reference: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, one token at a time.
+
+    The per-token slices come from `unbind` of token-major copies: its backward stacks the L gradients once,
+    where indexing would add L full-size zero tensors (the quickstart's CPU training step is this loop)."""
     out_dtype = u.dtype
     uf, dt, Af, Bf, Cf, z = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    batch, d_inner, length = uf.shape
+    batch, d_inner, _ = uf.shape
     h = uf.new_zeros(batch, d_inner, Af.shape[1])
     ys = []
-    for t in range(length):
-        decay = torch.exp(dt[:, :, t, None] * Af)                                   # (b, d, n)
-        h = decay * h + (dt[:, :, t] * uf[:, :, t])[..., None] * Bf[:, None, :, t]  # (b, d, n)
-        ys.append((h * Cf[:, None, :, t]).sum(-1))                                  # (b, d)
+    tokens = zip(dt.permute(2, 0, 1).unbind(0), (dt * uf).permute(2, 0, 1).unbind(0),
+                 Bf.permute(2, 0, 1).unbind(0), Cf.permute(2, 0, 1).unbind(0))
+    for dt_t, du_t, b_t, c_t in tokens:                                  # (b, d), (b, d), (b, n), (b, n)
+        h = torch.exp(dt_t[..., None] * Af) * h + du_t[..., None] * b_t[:, None, :]   # (b, d, n)
+        ys.append(torch.einsum("bdn,bn->bd", h, c_t))
     y = torch.stack(ys, dim=-1)
     return _finish(y, uf, D, z, out_dtype, reverse)
 
@@ -92,12 +96,17 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None, reverse=False):
-    """Depthwise causal conv1d, computed in the weight's dtype like causal-conv1d's reference."""
+    """Depthwise causal conv1d, computed in the weight's dtype like causal-conv1d's reference: a sum of
+    `width` shifted copies (a few elementwise ops; a grouped Conv1d's backward is ~10x slower on CPUs)."""
     width = weight.shape[-1]
     length = x.shape[-1]
-    xin = x.flip(-1) if reverse else x
-    out = F.conv1d(xin.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])
-    out = out[..., :length]
+    xin = (x.flip(-1) if reverse else x).to(weight.dtype)
+    padded = F.pad(xin, (width - 1, 0))
+    out = padded[..., width - 1:] * weight[:, width - 1, None]
+    for k in range(width - 1):                      # tap k looks width - 1 - k tokens back
+        out = torch.addcmul(out, padded[..., k:k + length], weight[:, k, None])
+    if bias is not None:
+        out = out + bias[:, None]
     if activation in ("silu", "swish"):
         out = F.silu(out)
     out = out.to(x.dtype)
