@@ -248,6 +248,19 @@ def sampling_defaults(meta: dict[str, Any], conditional: bool) -> dict[str, Any]
             "solver": saved.get("solver")}
 
 
+def resolve_settings(pipe, steps: int | None, cfg: float | None, solver: str | None,
+                     clip_x0: bool | None) -> dict[str, Any]:
+    """The sampler settings a request gets from a loaded pipeline: arguments left None take the saved recipe's
+    values, then the toolkit's defaults (DPM-Solver++ 2M guided, 3M unguided; x0 clipped for pixel models).
+    Unconditional models always get cfg 1."""
+    conditional = pipe.num_classes > 0
+    defaults = sampling_defaults(pipe.meta, conditional)
+    cfg = (defaults["cfg"] if cfg is None else cfg) if conditional else 1.0
+    solver = solver or defaults["solver"] or default_solver(conditional and cfg != 1.0)
+    clip_x0 = default_clip_x0(pipe.autoencoder, solver) if clip_x0 is None else clip_x0
+    return {"steps": steps or defaults["steps"], "cfg": cfg, "solver": solver, "clip_x0": clip_x0}
+
+
 def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None, steps: int | None, cfg: float | None,
                     solver: str | None, seed: int, batch_size: int, device: str, precision: str,
                     ema: bool = True, seeds: Sequence[int] | None = None, clip_x0: bool | None = None,
@@ -258,20 +271,16 @@ def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None,
 
     pipe = load_pipeline(pipeline_dir, ema=ema, device=device)
     conditional = pipe.num_classes > 0
-    defaults = sampling_defaults(pipe.meta, conditional)
-    steps = steps or defaults["steps"]
-    cfg = defaults["cfg"] if cfg is None else cfg
+    used = resolve_settings(pipe, steps, cfg, solver, clip_x0)
+    if resolved is not None:
+        resolved.update(used)
     if classes is None and conditional:
         classes = "random"
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + n))
     labels = labels_for(seeds, classes if conditional else None, pipe.num_classes)
-    cfg = cfg if conditional else 1.0
-    solver = solver or defaults["solver"] or default_solver(conditional and cfg != 1.0)
-    clip_x0 = default_clip_x0(pipe.autoencoder, solver) if clip_x0 is None else clip_x0
-    if resolved is not None:
-        resolved.update(steps=steps, cfg=cfg, solver=solver, clip_x0=clip_x0)
-    batches = iter_sample_batches(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, seeds, labels, steps,
-                                  cfg, solver, batch_size, device, precision, clip_x0=clip_x0)
+    batches = iter_sample_batches(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, seeds, labels,
+                                  used["steps"], used["cfg"], used["solver"], batch_size, device, precision,
+                                  clip_x0=used["clip_x0"])
     for start, images in zip(range(0, len(seeds), batch_size), batches):
         lab = np.asarray(labels[start:start + len(images)] if labels else [-1] * len(images), dtype=np.int64)
         yield images, lab
@@ -332,15 +341,11 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
     pipeline_dir = resolve_pipeline_dir(req.run, req.model, req.checkpoint)
     pipe = load_pipeline(pipeline_dir, ema=req.ema, device=device)
     pipe.model.set_scan_backend(req.scan_backend)
-    conditional = pipe.num_classes > 0
     classes = resolve_classes(req.classes, pipe.num_classes, pipe.class_names)
-    defaults = sampling_defaults(pipe.meta, conditional)
-    steps = req.steps or defaults["steps"]
-    cfg = (defaults["cfg"] if req.cfg is None else req.cfg) if conditional else 1.0
+    settings = resolve_settings(pipe, req.steps, req.cfg, req.solver, req.clip_x0)
+    steps, cfg, solver, clip_x0 = settings["steps"], settings["cfg"], settings["solver"], settings["clip_x0"]
     if cfg < 0:
         raise WdmError(f"--cfg must be >= 0, not {cfg}")
-    solver = req.solver or defaults["solver"] or default_solver(conditional and cfg != 1.0)
-    clip_x0 = default_clip_x0(pipe.autoencoder, solver) if req.clip_x0 is None else req.clip_x0
     make_sampler(dict(pipe.scheduler.config), solver, clip_x0=clip_x0)  # refuse bad combinations before writing
     decoder = Decoder(pipe.autoencoder, device)
     decoder.load()

@@ -36,7 +36,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
                 on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample `num` images (default: the recipe's `[fid] num`, else 50,000) from a run's checkpoint (the
     newest run and checkpoint by default) and score them; arguments left None come from the recipe's
-    `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`, `clip_x0`). Writes and returns the score
+    `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`); `clip_x0` None clips pixel models. Writes and returns the score
     JSON, extended with the run, checkpoint and sampler settings."""
     from wdmctl.fid.inception import default_device, load_inception
     from wdmctl.pipeline import write_json_atomic
@@ -49,7 +49,6 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     steps = steps if steps is not None else section.get("steps")
     cfg = cfg if cfg is not None else section.get("cfg")
     solver = section.get("solver")
-    clip_x0 = clip_x0 if clip_x0 is not None else section.get("clip_x0")
     ref_spec = ref or section.get("ref")
     if not ref_spec:
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "
