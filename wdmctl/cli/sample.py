@@ -66,7 +66,7 @@ def bench_sample(
     iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; one untimed first)."),
     out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
 ) -> None:
-    """50-step sampling throughput (images/s) per preset, scan backend, guidance and precision."""
+    """Sampling throughput (images/s over --steps solver steps) per preset, scan backend, guidance and precision."""
     import torch
 
     from wdmctl.bench import benchmark_sampling, write_json
