@@ -333,6 +333,9 @@ def test_weight_decay_groups_and_learning_rate():
     assert any(n.endswith("A_log") for n in no_decay_names) and any(n.endswith("in_proj.weight") for n in decay_names)
     assert [training.learning_rate(s, 1.0, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
     assert training.learning_rate(0, 2e-4, 0) == 2e-4
+    cosine = [training.learning_rate(s, 1.0, 4, "cosine", 14) for s in (0, 3, 8, 13, 20)]
+    assert cosine[:2] == [0.25, 1.0] and cosine[2] == pytest.approx(0.5) and cosine[3] == cosine[4] == 0.0
+    assert training.learning_rate(13, 1.0, 0, "cosine", 14) == 0.0      # no warm-up: the last step is at 0
 
 
 def test_ema_decay_warmup_and_round_trip():

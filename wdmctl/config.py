@@ -27,6 +27,7 @@ from typing import Any
 from wdmctl.errors import WdmError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+LR_SCHEDULES = ("constant", "cosine")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -79,6 +80,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
     eps: float = 1e-8
     warmup_steps: int = 5000            # linear warm-up from 0, then constant (U-ViT / DiM)
+    schedule: str = "constant"          # after warm-up: constant, or cosine decay to 0 at train.max_steps
     max_grad_norm: float = 1.0          # 0 disables clipping (the norm is still logged)
 
 
@@ -348,6 +350,7 @@ def validate(recipe: Recipe) -> None:
            f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(o.schedule in LR_SCHEDULES, f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {o.schedule!r}")
     _check(o.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0 = no clipping), got {o.max_grad_norm}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")

@@ -152,11 +152,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def learning_rate(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over `warmup_steps` optimizer steps (step 0 already moves), then constant."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+def learning_rate(step: int, lr: float, warmup_steps: int, schedule: str = "constant", max_steps: int = 0) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps (step 0 already moves), then constant, or for
+    `schedule="cosine"` a half cosine from lr down to 0 at `max_steps` (short runs end on settled weights)."""
+    if warmup_steps > 0 and step + 1 < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "cosine" and max_steps > warmup_steps:
+        progress = min(1.0, (step + 1 - warmup_steps) / (max_steps - warmup_steps))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
 
 
 class EMA:
@@ -776,7 +780,7 @@ class _Loop:
             finite = math.isfinite(loss_value) and (self.fp16 or math.isfinite(grad_norm))
             if finite:
                 for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate(step, self.recipe.optim.lr, self.recipe.optim.warmup_steps)
+                    group["lr"] = self._learning_rate(step)
                 self.optimizer.step()
                 if not (self.fp16 and acc.optimizer_step_was_skipped):
                     self.ema.update(self.net)
@@ -823,9 +827,13 @@ class _Loop:
             self._grid(step)
         interval.maintenance += time.perf_counter() - maintenance
 
+    def _learning_rate(self, step: int) -> float:
+        o = self.recipe.optim
+        return learning_rate(step, o.lr, o.warmup_steps, o.schedule, self.recipe.train.max_steps)
+
     def _log(self, interval: _Interval, elapsed: float, memory: float | None) -> None:
         t, p = self.recipe.train, self.progress
-        lr = learning_rate(p.step - 1, self.recipe.optim.lr, self.recipe.optim.warmup_steps)
+        lr = self._learning_rate(p.step - 1)
         mean_loss = interval.loss / interval.finite if interval.finite else float("nan")
         grad_norm = interval.grad_norm / interval.finite if interval.finite else float("nan")
         img_s = interval.images / elapsed
