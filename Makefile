@@ -25,7 +25,7 @@ test-gpu:
 quickstart: $(VENV)/.installed
 	$(WDM) cache digits --out caches/digits8 --resolution 8 --vae none
 	$(WDM) train recipes/quickstart.toml
-	$(WDM) sample --n 100 --class random --out samples/quickstart --overwrite
+	$(WDM) sample --n 100 --class 0,1,2,3,4,5,6,7,8,9 --out samples/quickstart --overwrite
 	$(WDM) fid --json --overwrite > samples/quickstart/fid.json
 	@echo "grid: samples/quickstart/grid.png   FID: samples/quickstart/fid.json"
 

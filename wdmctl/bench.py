@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from wdmctl.errors import WdmError
+
 
 def device_info() -> dict[str, Any]:
     """What ran the benchmark: GPU name and memory, torch/CUDA versions, host."""
@@ -122,13 +124,25 @@ def benchmark_model(preset: str, scan_backend: str | None, batch: int, resolutio
     return result
 
 
+def parse_cuda_graphs(text: str) -> list[bool]:
+    """`--cuda-graphs off|on|off,on` -> [False], [True], [False, True]."""
+    modes = {"off": False, "on": True}
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in words if w not in modes]
+    if bad or not words:
+        raise WdmError(f"--cuda-graphs takes off, on or off,on, not {text!r}")
+    return [modes[w] for w in words]
+
+
 def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps: int = 50, cfg: float = 1.0,
-                       precision: str = "bf16", iters: int = 2, resolution: int = 32) -> dict[str, Any]:
+                       precision: str = "bf16", iters: int = 2, resolution: int = 32,
+                       cuda_graph: bool = False) -> dict[str, Any]:
     """Images/s of a full `steps`-step DPM-Solver++ run (denoiser + solver, no autoencoder decode) for a
-    randomly initialised preset; cfg != 1 doubles the denoiser batch, as guided sampling does."""
+    randomly initialised preset; cfg != 1 doubles the denoiser batch, as guided sampling does. With
+    `cuda_graph` the denoiser replays CUDA graphs (captured in the untimed first run)."""
     from wdmctl.diffusion import make_noise_scheduler
     from wdmctl.models import build_model
-    from wdmctl.sampling import sample_images
+    from wdmctl.sampling import model_denoiser, sample_images
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(preset, sample_size=resolution).to(device).eval()
@@ -137,16 +151,17 @@ def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps:
     cfg_m = model.config
     labels = list(range(batch)) if cfg_m.num_classes else None
     scheduler_config = dict(make_noise_scheduler().config)
+    denoiser = model_denoiser(model, precision, cuda_graph)
 
     def run():
         sample_images(model, scheduler_config, None, list(range(batch)), labels, steps=steps, cfg=cfg,
-                      batch_size=batch, device=device, precision=precision)
+                      batch_size=batch, device=device, precision=precision, denoiser=denoiser)
 
     ms = time_fn(run, warmup=1, iters=iters)
-    del model
+    del model, denoiser
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"preset": preset, "scan_backend": scan_backend if cfg_m.arch != "uvit" else None, "batch": batch,
             "resolution": resolution,
-            "steps": steps, "cfg": cfg, "precision": precision, "seconds_per_batch": round(ms / 1e3, 3),
+            "steps": steps, "cfg": cfg, "precision": precision, "cuda_graph": cuda_graph, "seconds_per_batch": round(ms / 1e3, 3),
             "images_per_second": round(batch / ms * 1e3, 2)}

@@ -140,17 +140,58 @@ class Decoder:
             return self.load().decode(z.float())
 
 
-def model_denoiser(model, precision: str) -> Denoiser:
-    """Wrap a torch model as a Denoiser, with autocast for bf16/fp16."""
+def model_denoiser(model, precision: str, cuda_graph: bool = False) -> Denoiser:
+    """Wrap a torch model as a Denoiser, with autocast for bf16/fp16, optionally replayed from CUDA graphs."""
     device_type = next(model.parameters()).device.type
     dtype = PRECISIONS[precision]
+    if cuda_graph and device_type != "cuda":
+        raise WdmError(f"--cuda-graph needs the model on a CUDA device, not {device_type}")
 
     def denoise(x, t, y):
-        ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        # no autocast weight cache: a captured graph must not keep casts made outside it
+        ctx = torch.autocast(device_type, dtype=dtype, cache_enabled=False) if dtype != torch.float32 else nullcontext()
         with torch.no_grad(), ctx:
             return model(x, t, y)
 
-    return denoise
+    return CudaGraphDenoiser(denoise) if cuda_graph else denoise
+
+
+class CudaGraphDenoiser:
+    """Replays one captured CUDA graph per input shape instead of launching the network's kernels one by one.
+
+    A WD-Mamba call is hundreds of small kernels (26 blocks x conv, projections, scan, norms); at sampling
+    batch sizes the GPU waits on the host's launches, so a call costs about the same at any width. A graph
+    replays them all with one launch. Inputs are copied into the graph's own buffers; the output is cloned,
+    because multistep solvers keep earlier outputs while the graph overwrites its buffer on the next call.
+    """
+
+    def __init__(self, denoise: Denoiser, warmup: int = 2):
+        self.denoise, self.warmup = denoise, warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, t.dtype, None if y is None else tuple(y.shape))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, y)
+        graph, buffers, out = self.graphs[key]
+        for buffer, value in zip(buffers, (x, t, y)):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x, t, y):
+        buffers = [v.clone() if v is not None else None for v in (x, t, y)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # first calls off the graph: Triton autotuning, lazy allocations
+            for _ in range(self.warmup):
+                self.denoise(*buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.denoise(*buffers)
+        return graph, buffers, out
 
 
 def sample_images(model, scheduler_config: dict, autoencoder_entry: dict | None, seeds: Sequence[int],
@@ -158,21 +199,22 @@ def sample_images(model, scheduler_config: dict, autoencoder_entry: dict | None,
                   batch_size: int = 16, device="cpu", precision: str = "fp32",
                   denoiser: Denoiser | None = None, num_classes: int | None = None,
                   sample_shape: Sequence[int] | None = None, decoder: Decoder | None = None,
-                  clip_x0: bool | None = None) -> np.ndarray:
+                  clip_x0: bool | None = None, cuda_graph: bool = False) -> np.ndarray:
     """Generate one uint8 NHWC image per seed (image i uses seeds[i] and labels[i]).
 
     `model` gives the shapes, classes and (unless `denoiser` is given, e.g. an ONNX session) the network.
     `clip_x0` None clips predicted x_0 to [-1, 1] for pixel models only (`diffusion.default_clip_x0`).
+    `cuda_graph` replays the model from CUDA graphs (`CudaGraphDenoiser`); the images are the same.
     """
     batches = list(iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, labels, steps, cfg,
                                        solver, batch_size, device, precision, denoiser, num_classes, sample_shape,
-                                       decoder, clip_x0))
+                                       decoder, clip_x0, cuda_graph))
     return np.concatenate(batches) if batches else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, labels, steps=50, cfg=1.0, solver=None,
                         batch_size=16, device="cpu", precision="fp32", denoiser=None, num_classes=None,
-                        sample_shape=None, decoder=None, clip_x0=None) -> Iterator[np.ndarray]:
+                        sample_shape=None, decoder=None, clip_x0=None, cuda_graph=False) -> Iterator[np.ndarray]:
     """`sample_images`, one batch at a time."""
     device = torch.device(device)
     if model is not None:
@@ -189,7 +231,7 @@ def iter_sample_batches(model, scheduler_config, autoencoder_entry, seeds, label
     if solver not in SOLVERS:
         raise WdmError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     clip_x0 = default_clip_x0(autoencoder_entry, solver) if clip_x0 is None else clip_x0
-    denoise = denoiser or model_denoiser(model, precision)
+    denoise = denoiser or model_denoiser(model, precision, cuda_graph)
     decode = decoder or Decoder(autoencoder_entry or {"spec": "none"}, device)
     stochastic = solver.endswith("sde")
     for start in range(0, len(seeds), batch_size):
@@ -264,7 +306,8 @@ def resolve_settings(pipe, steps: int | None, cfg: float | None, solver: str | N
 def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None, steps: int | None, cfg: float | None,
                     solver: str | None, seed: int, batch_size: int, device: str, precision: str,
                     ema: bool = True, seeds: Sequence[int] | None = None, clip_x0: bool | None = None,
-                    resolved: dict[str, Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    resolved: dict[str, Any] | None = None, cuda_graph: bool = False,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (uint8 NHWC images, labels) batches for seeds seed .. seed + n - 1 (or `seeds`). Arguments left
     None take the saved recipe's values; `resolved`, if given, receives the settings actually used."""
     from wdmctl.pipeline import load_pipeline
@@ -280,7 +323,7 @@ def generate_images(pipeline_dir: Path, n: int, classes: list[int] | str | None,
     labels = labels_for(seeds, classes if conditional else None, pipe.num_classes)
     batches = iter_sample_batches(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, seeds, labels,
                                   used["steps"], used["cfg"], used["solver"], batch_size, device, precision,
-                                  clip_x0=used["clip_x0"])
+                                  clip_x0=used["clip_x0"], cuda_graph=cuda_graph)
     for start, images in zip(range(0, len(seeds), batch_size), batches):
         lab = np.asarray(labels[start:start + len(images)] if labels else [-1] * len(images), dtype=np.int64)
         yield images, lab
@@ -311,6 +354,7 @@ class SampleRequest:
     device: str | None = None
     overwrite: bool = False
     clip_x0: bool | None = None  # None: on for pixel models, off for latent models
+    cuda_graph: bool = False     # replay the denoiser from CUDA graphs (--backend torch on CUDA)
 
 
 def _default_out(pipeline_dir: Path, req: SampleRequest, step: Any, cfg: float) -> Path:
@@ -336,6 +380,8 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
         raise WdmError(f"--batch-size must be >= 1, not {req.batch_size}")
     if req.backend not in ("torch", "onnx", "trt"):
         raise WdmError(f"--backend must be torch, onnx or trt, not {req.backend!r}")
+    if req.cuda_graph and req.backend != "torch":
+        raise WdmError(f"--cuda-graph is for --backend torch; {req.backend} runs its own runtime")
     state = PartialState(cpu=req.device == "cpu")
     device = torch.device(req.device) if req.device else state.device
     pipeline_dir = resolve_pipeline_dir(req.run, req.model, req.checkpoint)
@@ -374,7 +420,7 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
     t0 = time.perf_counter()
     images = sample_images(pipe.model, dict(pipe.scheduler.config), pipe.autoencoder, my_seeds, my_labels, steps, cfg,
                            solver, req.batch_size, device, req.precision, denoiser=denoiser, decoder=decoder,
-                           clip_x0=clip_x0)
+                           clip_x0=clip_x0, cuda_graph=req.cuda_graph)
     seconds = time.perf_counter() - t0
     for i, img in zip(my_idx, images):
         Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp / f"{seeds[i]:06d}.png")
@@ -384,7 +430,7 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
         "model": str(pipeline_dir), "checkpoint_step": step, "ema": req.ema, "solver": solver, "steps": steps,
         "cfg": cfg, "clip_x0": clip_x0, "classes": labels, "class_names": [pipe.class_names[c] for c in labels] if labels and pipe.class_names else None,
         "seeds": [req.seed, req.seed + req.n - 1], "n": req.n, "precision": req.precision, "backend": req.backend,
-        "scan_backend": req.scan_backend, "device": str(device), "processes": state.num_processes,
+        "scan_backend": req.scan_backend, "cuda_graph": req.cuda_graph, "device": str(device), "processes": state.num_processes,
         "autoencoder": pipe.autoencoder.get("spec", "none"),
         "timings": {"seconds": round(seconds, 3), "images_per_second": round(len(my_seeds) / max(seconds, 1e-9), 3),
                     "per_process": True},

@@ -9,6 +9,7 @@ import typer
 from wdmctl.cli.app import app
 from wdmctl.cli.bench import PRESETS_HELP, UVIT_HELP, bench_app, preset_runs
 
+CUDA_GRAPH_HELP = "Replay the denoiser from CUDA graphs (one launch per call instead of hundreds; same images)."
 CLIP_X0_HELP = "Clip each predicted x0 to [-1, 1] (default: on for pixel models, off for latent models)."
 
 
@@ -35,6 +36,7 @@ def sample(
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: what Accelerate picks)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty output folder."),
     clip_x0: Optional[bool] = typer.Option(None, "--clip-x0/--no-clip-x0", help=CLIP_X0_HELP),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help=CUDA_GRAPH_HELP),
 ) -> None:
     """Sample images with DPM-Solver++ (classifier-free guidance, per-image seeds, PNGs + grid + metadata)."""
     from rich.console import Console
@@ -45,7 +47,7 @@ def sample(
         run=run, model=model, checkpoint=checkpoint, n=n, classes=classes, steps=steps, cfg=cfg, solver=solver,
         seed=seed, batch_size=batch_size, out=out, grid=grid, npz=npz, ema=not no_ema, precision=precision,
         backend=backend, scan_backend=scan_backend, export_dir=export_dir, device=device, overwrite=overwrite,
-        clip_x0=clip_x0,
+        clip_x0=clip_x0, cuda_graph=cuda_graph,
     ))
     t = summary["timings"]
     Console().print(f"[green]wrote[/] {summary['n']} images to {summary['out']} "
@@ -64,17 +66,20 @@ def bench_sample(
     cfgs: str = typer.Option("1.0,1.5", help="Guidance weights to time (1 = unguided, one pass per step)."),
     precisions: str = typer.Option("bf16,fp32", help="Denoiser precisions to time."),
     iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; one untimed first)."),
+    cuda_graphs: str = typer.Option("off", help="off, on, or off,on: time eager launches, CUDA-graph replay, or both."),
     out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
 ) -> None:
     """Sampling throughput (images/s over --steps solver steps) per preset, scan backend, guidance and precision."""
     import torch
 
-    from wdmctl.bench import benchmark_sampling, write_json
+    from wdmctl.bench import benchmark_sampling, parse_cuda_graphs, write_json
     from wdmctl.scan import available_backends
 
     runs, skipped = preset_runs(presets, uvit, backends, available_backends("cuda" if torch.cuda.is_available() else "cpu"),
                                 attention=None)
-    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution)
-            for preset, backend in runs for cfg in cfgs.split(",") if cfg for precision in precisions.split(",") if precision]
+    graph_modes = parse_cuda_graphs(cuda_graphs)
+    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution, graph)
+            for preset, backend in runs for cfg in cfgs.split(",") if cfg for precision in precisions.split(",") if precision
+            for graph in graph_modes]
     typer.echo(write_json(out, {"benchmark": "sample", "results": rows,
                                 "skipped_backends": skipped}))
