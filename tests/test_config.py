@@ -80,6 +80,8 @@ def test_overrides_are_toml_values_with_bare_strings_allowed(tmp_path):
     ("train.grad_accum=3", r"train\.batch_size \(128\) must be divisible by train\.grad_accum \(3\)"),
     ("train.precision=fp8", r"train\.precision must be one of auto, bf16, fp16, no"),
     ("sample.solver=dpm++2", r"sample\.solver must be auto or one of .*did you mean dpm\+\+2m"),
+    ("fid.solver=unipcc", r"fid\.solver must be auto or one of .*did you mean unipc"),
+    ("optim.schedule=linear", r"optim\.schedule must be one of constant, cosine, got 'linear'"),
     ("model.preset=WDM-X/2", r"unknown model preset 'WDM-X/2' \(did you mean"),
     ("model.scan=zigzag", r"model\.scan must be one of cycle, bidirectional"),
     ("diffusion.beta_end=0.0001", r"beta_start < beta_end"),

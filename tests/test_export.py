@@ -126,12 +126,15 @@ def test_graphs_are_plain_standard_onnx(which, request):
 
 
 def test_scan_forms_are_unrolled_in_the_graph(conditional_export, unconditional_export):
-    # chunked: a cumulative sum of log-decays per chunk (3 chunks x 6 blocks); sequential: one Exp per token
+    # chunked: a cumulative sum of log-decays per chunk (3 chunks x 6 blocks); sequential: the decays of all
+    # tokens in one Exp per block, then one Mul + Add per token after the first (17 tokens: time + 16 patches)
     chunked, sequential = load_graph(conditional_export), load_graph(unconditional_export)
-    histogram = lambda g: {op: sum(n.op_type == op for n in g.graph.node) for op in ("CumSum", "Exp")}  # noqa: E731
+    ops = ("CumSum", "Exp", "Add", "ScatterElements", "Loop", "Scan")
+    histogram = lambda g: {op: sum(n.op_type == op for n in g.graph.node) for op in ops}  # noqa: E731
     assert histogram(chunked)["CumSum"] == 3 * 6
-    assert histogram(sequential)["CumSum"] == 0
-    assert histogram(sequential)["Exp"] >= 17 * 6  # 17 tokens (time token + 16 patches) in 6 blocks
+    seq = histogram(sequential)
+    assert seq["CumSum"] == seq["ScatterElements"] == seq["Loop"] == seq["Scan"] == 0
+    assert seq["Exp"] == 6 and seq["Add"] >= 16 * 6
 
 
 def test_conditional_io_is_the_guidance_batch(conditional_export):

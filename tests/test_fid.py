@@ -417,6 +417,8 @@ def test_fid_for_run_uses_the_recipe_and_writes_json(fake_run):
     assert written["fid"] == result["fid"] and result["json"].endswith("step-0000100-n20.json")
     with pytest.raises(WdmError, match="exists; pass --overwrite"):
         fid_for_run(device="cpu")
+    fid_for_run(batch_size=8, device="cpu", solver="ddim", overwrite=True)   # --solver beats [fid] solver
+    assert calls["generate"]["solver"] == "ddim"
 
 
 def test_fid_command_without_arguments_overrides_recipe(fake_run):

@@ -396,3 +396,21 @@ def test_benchmark_train_step_on_cpu():
     uvit = training.benchmark_train_step("UViT-S/2", batch_size=2, resolution=8, precision="bf16", iters=1, warmup=0,
                                          width=16, num_heads=2, depth=1)
     assert uvit["backend"].startswith("n/a")
+
+
+def test_step_profile_groups_kernels_by_category():
+    from wdmctl.bench import kernel_category, step_profile
+
+    assert kernel_category("_scan_bwd2_kernel") == "selective scan"
+    assert kernel_category("_causal_conv1d_fwd_kernel") == "causal conv1d"
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul (GEMM)"
+    assert kernel_category("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kernel_category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise, copies, other"
+    rows = [{"kernel": "_scan_fwd_kernel", "us_per_call": 3000.0, "launches": 26},
+            {"kernel": "nvjet_tst_128x256", "us_per_call": 1000.0, "launches": 100},
+            {"kernel": "elementwise_kernel", "us_per_call": 1000.0, "launches": 400}]
+    prof = step_profile(rows, wall_ms=10.0)
+    assert prof["gpu_ms"] == 5.0 and prof["gpu_busy"] == 0.5 and prof["launches"] == 526
+    assert list(prof["categories"]) == ["selective scan", "matmul (GEMM)", "elementwise, copies, other"]
+    assert prof["categories"]["selective scan"] == {"gpu_ms": 3.0, "share": 0.6, "launches": 26}

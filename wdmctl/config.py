@@ -127,6 +127,7 @@ class FidSection:
     resolution: int = 0                 # 0 = the cache's image resolution
     steps: int = 50
     cfg: float = 1.0
+    solver: str = "auto"                # auto = dpm++2m with guidance, dpm++3m without
 
 
 @dataclass
@@ -367,8 +368,9 @@ def validate(recipe: Recipe) -> None:
     for section, sec in (("sample", s), ("fid", f)):
         _check(sec.steps >= 1, f"{section}.steps must be >= 1, got {sec.steps}")
         _check(sec.cfg >= 0, f"{section}.cfg must be >= 0 (1 = no guidance), got {sec.cfg}")
-    _check(s.solver == "auto" or s.solver in SOLVERS,
-           f"sample.solver must be auto or one of {', '.join(SOLVERS)}, got {s.solver!r}{_suggest(s.solver, list(SOLVERS))}")
+    for section, sec in (("sample", s), ("fid", f)):
+        _check(sec.solver == "auto" or sec.solver in SOLVERS, f"{section}.solver must be auto or one of "
+               f"{', '.join(SOLVERS)}, got {sec.solver!r}{_suggest(sec.solver, list(SOLVERS))}")
     _check(s.every >= 0, f"sample.every must be >= 0 (0 = only at the end), got {s.every}")
     _check(1 <= s.grid_n <= 1024, f"sample.grid_n must be in [1, 1024], got {s.grid_n}")
     _check(s.seed >= 0, f"sample.seed must be >= 0, got {s.seed}")

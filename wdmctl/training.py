@@ -893,11 +893,12 @@ class _Loop:
 def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 32, resolution: int = 32,
                          precision: str = "bf16", iters: int = 10, warmup: int = 3,
                          gradient_checkpointing: bool = False, compile: bool = False, device: str | None = None,
-                         **model_overrides: Any) -> dict[str, Any]:
+                         profile: bool = False, **model_overrides: Any) -> dict[str, Any]:
     """Throughput (images/s) and peak memory of one full training step of `preset` with random weights and
     data: the loop's loss (`diffusion_loss`), backward, clipping and fused AdamW, under autocast as
-    Accelerate runs it. `resolution` is the latent side (32 = 256 px with the SD VAE)."""
-    from wdmctl.bench import peak_memory_gib, time_fn
+    Accelerate runs it. `resolution` is the latent side (32 = 256 px with the SD VAE). `profile` (CUDA) adds
+    where a step's GPU time goes, by kernel category (`wdmctl.bench.step_profile`)."""
+    from wdmctl.bench import peak_memory_gib, profile_kernels, step_profile, time_fn
     from wdmctl.diffusion import make_noise_scheduler
     from wdmctl.models.presets import build_model
 
@@ -932,10 +933,12 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
 
     ms = time_fn(step, warmup=warmup, iters=iters)
     peak = peak_memory_gib(step)
+    extra = {"profile": step_profile(profile_kernels(step), ms)} if profile and device.type == "cuda" else {}
     return {
         "preset": preset, "arch": model.config.arch, "backend": backend if model.is_mamba else "n/a (attention)",
         "batch_size": batch_size, "latent": [c, resolution, resolution], "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": compile,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "ms_per_step": round(ms, 2), "images_per_s": round(batch_size / ms * 1e3, 1), "peak_memory_gib": peak,
+        **extra,
     }

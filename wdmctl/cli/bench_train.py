@@ -19,6 +19,8 @@ def bench_train(
     precision: str = typer.Option("bf16", help="Autocast precision: bf16, fp16 or fp32."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser."),
+    profile: bool = typer.Option(False, "--profile", help="Add where each step's GPU time goes, by kernel category "
+                                 "(scan, conv1d, GEMM, attention, optimizer, ...), and how busy the GPU was."),
     iters: int = typer.Option(10, min=1, help="Timed steps (median reported)."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
     out: Optional[str] = typer.Option(None, help="Also write the JSON here."),
@@ -37,9 +39,15 @@ def bench_train(
     for name, backend in runs:
         try:
             rows.append(benchmark_train_step(name, backend, batch, resolution, precision, iters, warmup,
-                                             gradient_checkpointing, compile))
+                                             gradient_checkpointing, compile, profile=profile))
         except torch.cuda.OutOfMemoryError:
             rows.append({"preset": name, "backend": backend, "batch_size": batch, "error": "out of memory"})
+        except Exception as err:  # noqa: BLE001 - a configuration torch.compile cannot handle is a result too
+            if not compile:
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            rows.append({"preset": name, "backend": backend, "batch_size": batch, "compile": True,
+                         "error": f"torch.compile failed: {type(err).__name__}: {first}"})
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -114,6 +114,8 @@ def fid(
     inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score JSON of this checkpoint."),
     clip_x0: Optional[bool] = typer.Option(None, "--clip-x0/--no-clip-x0", help=CLIP_X0_HELP),
+    solver: Optional[str] = typer.Option(None, "--solver", help="dpm++2m | dpm++3m | dpm++2m-sde | ddim | unipc | "
+                                         "euler (default: recipe's fid.solver, else 2M guided, 3M unguided)."),
 ) -> None:
     """Sample fid.num images from the newest run and score them against the recipe's reference.
 
@@ -127,7 +129,7 @@ def fid(
         result = fid_for_run(run=run, checkpoint=checkpoint, num=num, steps=steps, cfg=cfg, ref=ref,
                              allow_small=allow_small, seed=seed, batch_size=batch_size, device=device,
                              precision=precision, pr=pr, inception=inception, overwrite=overwrite,
-                             clip_x0=clip_x0, on_progress=on_progress)
+                             clip_x0=clip_x0, solver=solver, on_progress=on_progress)
     _print_result(result, as_json)
 
 

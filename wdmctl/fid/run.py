@@ -33,7 +33,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
                 cfg: float | None = None, ref: str | None = None, allow_small: bool = False, *, seed: int = 0,
                 batch_size: int = 64, device: str | None = None, precision: str = "fp32", pr: bool = False,
                 inception: str | Path | None = None, overwrite: bool = False, clip_x0: bool | None = None,
-                on_progress: ProgressFn | None = None) -> dict[str, Any]:
+                solver: str | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample `num` images (default: the recipe's `[fid] num`, else 50,000) from a run's checkpoint (the
     newest run and checkpoint by default) and score them; arguments left None come from the recipe's
     `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`); `clip_x0` None clips pixel models. Writes and returns the score
@@ -48,7 +48,8 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     num = int(num or section.get("num", DEFAULT_NUM))
     steps = steps if steps is not None else section.get("steps")
     cfg = cfg if cfg is not None else section.get("cfg")
-    solver = section.get("solver")
+    solver = solver or section.get("solver")
+    solver = None if solver == "auto" else solver   # None: the saved recipe's sampler, else the default
     ref_spec = ref or section.get("ref")
     if not ref_spec:
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "

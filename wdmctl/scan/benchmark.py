@@ -91,21 +91,10 @@ def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
 
 
 def _profile_kernels(fn, iters: int = 5) -> list[dict[str, Any]]:
-    """GPU time per kernel name (microseconds per call of fn), largest first, via torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    """The 12 kernels with the most GPU time per call of fn."""
+    from wdmctl.bench import profile_kernels
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for evt in prof.key_averages():
-        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if cuda_us > 0 and evt.count > 0:
-            rows.append({"kernel": evt.key[:80], "us_per_call": round(cuda_us / iters, 1), "launches": evt.count // iters})
-    return sorted(rows, key=lambda row: -row["us_per_call"])[:12]
+    return profile_kernels(fn, iters)[:12]
 
 
 def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 10,

@@ -54,13 +54,16 @@ def _sequential_states(dt, A, B, u, reverse):
     """All states h_t of the recurrence, token-major. dt, u: (L, b, d); B: (L, b, n); A: (d, n).
 
     Returns (decay, states), both (L, b, n, d): n before d, so sums over the states are adds of n
-    contiguous (b, d) planes and sums over channels reduce the innermost axis (fast on CPUs)."""
+    contiguous (b, d) planes and sums over channels reduce the innermost axis (fast on CPUs). The states are
+    stacked from a list, not written into slices in place: an export then holds one Mul+Add per token and a
+    Concat, where in-place slice writes become ScatterElements."""
     decay = torch.exp(dt[:, :, None, :] * A.t())                       # exp(dt_t A), (L, b, n, d)
-    states = (dt * u)[:, :, None, :] * B[..., None]                     # x_t = dt_t u_t B_t, becomes h_t
+    x = (dt * u)[:, :, None, :] * B[..., None]                          # dt_t u_t B_t
     steps = _token_order(dt.shape[0], reverse)
+    states = [x[steps[0]]] * dt.shape[0]
     for prev, t in zip(steps, steps[1:]):
-        states[t].addcmul_(decay[t], states[prev])                      # h_t = exp(dt_t A) h_prev + x_t
-    return decay, states
+        states[t] = torch.addcmul(x[t], decay[t], states[prev])         # h_t = exp(dt_t A) h_prev + x_t
+    return decay, torch.stack(states)
 
 
 class _SequentialScan(torch.autograd.Function):
