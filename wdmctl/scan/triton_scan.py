@@ -26,6 +26,7 @@ each chunk start from it and telescopes only inside a chunk (error ~ eps * CHUNK
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -646,7 +647,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     A = A.float()
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
-    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+    scan = _scan_op if torch.compiler.is_compiling() else _SelectiveScanFn.apply
+    return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -729,7 +731,111 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False):
         return causal_conv1d_torch(x, weight, bias, activation, reverse)
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _CausalConv1dFn.apply(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
+    conv = _conv_op if torch.compiler.is_compiling() else _CausalConv1dFn.apply
+    return conv(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the same kernels as opaque custom ops
+# ----------------------------------------------------------------------------------------------------
+# Dynamo cannot trace into the autograd Functions above (their launches take symbolic sizes and fail with
+# "'SymNodeVariable' object has no attribute 'value'"). Under torch.compile the scan and the conv therefore
+# run as custom ops, whose fake implementations give only the outputs' shapes, dtypes and strides, so the
+# rest of the model compiles around them. Eager mode keeps the Functions: a custom op's dispatch costs
+# microseconds per call, and sampling at small batch is bound by exactly such host time.
+
+def _empty_bnl(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, N, L) gradient as the backward returns it: (batch, L, N) memory viewed transposed."""
+    batch, n, length = B.shape
+    return B.new_empty(batch, length, n, dtype=dtype).transpose(1, 2)
+
+
+def _empty_t(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A (cols, rows) tensor as a transposed view of (rows, cols) memory (dA, the conv's dweight)."""
+    return like.new_empty(rows, cols).t()
+
+
+@torch.library.custom_op("wdmctl::triton_selective_scan", mutates_args=())
+def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+             delta_softplus: bool, reverse: bool) -> torch.Tensor:
+    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+@_scan_op.register_fake
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    return _empty_like_layout(u)
+
+
+@torch.library.custom_op("wdmctl::triton_selective_scan_backward", mutates_args=())
+def _scan_backward_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                      delta_bias: Optional[torch.Tensor], delta_softplus: bool, reverse: bool) -> list[torch.Tensor]:
+    grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return [g if g is not None else u.new_empty(0) for g in grads]   # a custom op returns no None
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_op_fake(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    absent = u.new_empty(0)
+    return [_empty_like_layout(u), _empty_like_layout(delta), _empty_t(A.shape[1], A.shape[0], A),
+            _empty_bnl(B, B.dtype), _empty_bnl(C, C.dtype), D.new_empty(D.shape) if D is not None else absent,
+            _empty_like_layout(z) if z is not None else absent,
+            delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else absent]
+
+
+def _scan_op_setup(ctx, inputs, output):
+    *tensors, delta_softplus, reverse = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.flags = (delta_softplus, reverse)
+
+
+def _scan_op_backward(ctx, dy):
+    tensors = ctx.saved_tensors
+    grads = _scan_backward_op(dy, *tensors, *ctx.flags)
+    return (*(g if t is not None else None for g, t in zip(grads, tensors)), None, None)
+
+
+_scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
+
+
+@torch.library.custom_op("wdmctl::triton_causal_conv1d", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
+             reverse: bool) -> torch.Tensor:
+    return _conv_forward(x, weight, bias, silu, reverse)
+
+
+@_conv_op.register_fake
+def _conv_op_fake(x, weight, bias, silu, reverse):
+    return _empty_like_layout(x)
+
+
+@torch.library.custom_op("wdmctl::triton_causal_conv1d_backward", mutates_args=())
+def _conv_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      silu: bool, reverse: bool) -> list[torch.Tensor]:
+    dx, dw, db = _conv_backward(dout, x, weight, bias, silu, reverse)
+    return [dx, dw, db if db is not None else x.new_empty(0)]
+
+
+@_conv_backward_op.register_fake
+def _conv_backward_op_fake(dout, x, weight, bias, silu, reverse):
+    return [_empty_like_layout(x), _empty_t(weight.shape[1], weight.shape[0], weight),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)]
+
+
+def _conv_op_setup(ctx, inputs, output):
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.flags = (silu, reverse)
+
+
+def _conv_op_backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _conv_backward_op(dout, x, weight, bias, *ctx.flags)
+    return dx, dw, db if bias is not None else None, None, None
+
+
+_conv_op.register_autograd(_conv_op_backward, setup_context=_conv_op_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
