@@ -228,6 +228,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CPU_FORWARD_CHUNK = 8
+
+
 class InceptionExtractor:
     """uint8 NHWC images in, float64 (N, 2048) pool3 features out, in chunks of `batch_size`."""
 
@@ -250,7 +253,10 @@ class InceptionExtractor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = as_uint8_nhwc(images)
-        out = [self._forward(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        # on a CPU small forward batches keep a batch's activations in cache: 8 images at a time ran at 6.3
+        # images/s on 2 cores, 100 at a time at 4.3 (the features are per image, so the same either way)
+        step = min(self.batch_size, CPU_FORWARD_CHUNK) if self.device.type == "cpu" else self.batch_size
+        out = [self._forward(images[i:i + step]) for i in range(0, len(images), step)]
         return np.concatenate(out) if out else np.zeros((0, self.dims))
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
