@@ -28,6 +28,12 @@ def test_cuda_graph_refused_for_exported_backends():
         run_sample(SampleRequest(backend="onnx", cuda_graph=True))
 
 
+def test_cuda_graph_refused_on_cpu_before_anything_is_written(tmp_path):
+    with pytest.raises(WdmError, match="--cuda-graph needs a CUDA device, not cpu"):
+        run_sample(SampleRequest(cuda_graph=True, device="cpu", out=str(tmp_path / "samples")))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_parse_cuda_graphs():
     assert parse_cuda_graphs("off") == [False]
     assert parse_cuda_graphs("off, on") == [False, True]

@@ -384,6 +384,8 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
         raise WdmError(f"--cuda-graph is for --backend torch; {req.backend} runs its own runtime")
     state = PartialState(cpu=req.device == "cpu")
     device = torch.device(req.device) if req.device else state.device
+    if req.cuda_graph and device.type != "cuda":
+        raise WdmError(f"--cuda-graph needs a CUDA device, not {device.type}")
     pipeline_dir = resolve_pipeline_dir(req.run, req.model, req.checkpoint)
     pipe = load_pipeline(pipeline_dir, ema=req.ema, device=device)
     pipe.model.set_scan_backend(req.scan_backend)
