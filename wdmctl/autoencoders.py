@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wdmctl.errors import WdmError
+from wdmctl.errors import WdmError, first_line
 
 DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"
 ALTERNATIVES = "a local diffusers AutoencoderKL folder, `taef2:DIR` (weights in ../shared/assets/taef2) or `none`"
@@ -292,8 +292,7 @@ class TAEF2Autoencoder(Autoencoder):
             encoder.load_state_dict(enc_state, strict=True)
             decoder.load_state_dict(dec_state, strict=True)
         except RuntimeError as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise WdmError(f"{spec}: the weights are not TAEF2's ({first})") from None
+            raise WdmError(f"{spec}: the weights are not TAEF2's ({first_line(err)})") from None
         overrides = {}
         if (folder / "config.json").exists():
             overrides = {k: v for k, v in json.loads((folder / "config.json").read_text()).items()
@@ -364,7 +363,7 @@ def _load_kl(spec: str, device, dtype) -> KLAutoencoder:
             with _quiet_libraries():
                 vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise WdmError(f"--vae {spec}: cannot load an AutoencoderKL from it ({_first_line(err)})") from None
+            raise WdmError(f"--vae {spec}: cannot load an AutoencoderKL from it ({first_line(err, 200)})") from None
         return KLAutoencoder(vae, str(path.resolve()), device, dtype)
     if not _HUB_ID.match(spec):
         raise WdmError(f"--vae {spec!r} is not a folder, a Hub id (owner/name), `taef2:DIR` or `none`")
@@ -379,13 +378,8 @@ def _load_kl(spec: str, device, dtype) -> KLAutoencoder:
                 reason = err
     if vae is None:
         raise WdmError(f"cannot load autoencoder {spec!r} from the Hugging Face Hub (offline or unknown id: "
-                       f"{_first_line(reason)}); use {ALTERNATIVES}")
+                       f"{first_line(reason, 200)}); use {ALTERNATIVES}")
     return KLAutoencoder(vae, spec, device, dtype)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
 
 
 def load_autoencoder(spec: str = DEFAULT_AUTOENCODER, device: str | torch.device = "cpu",

@@ -368,7 +368,6 @@ def validate(recipe: Recipe) -> None:
     for section, sec in (("sample", s), ("fid", f)):
         _check(sec.steps >= 1, f"{section}.steps must be >= 1, got {sec.steps}")
         _check(sec.cfg >= 0, f"{section}.cfg must be >= 0 (1 = no guidance), got {sec.cfg}")
-    for section, sec in (("sample", s), ("fid", f)):
         _check(sec.solver == "auto" or sec.solver in SOLVERS, f"{section}.solver must be auto or one of "
                f"{', '.join(SOLVERS)}, got {sec.solver!r}{_suggest(sec.solver, list(SOLVERS))}")
     _check(s.every >= 0, f"sample.every must be >= 0 (0 = only at the end), got {s.every}")

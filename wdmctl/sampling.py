@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from wdmctl.diffusion import SOLVERS, default_clip_x0, default_solver, make_sampler
-from wdmctl.errors import WdmError
+from wdmctl.errors import WdmError, first_line
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,8 +129,7 @@ class Decoder:
             except WdmError:
                 raise
             except Exception as err:  # hub, network and file errors from diffusers
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise WdmError(f"cannot load the autoencoder {self.entry.get('spec')!r}: {first}") from None
+                raise WdmError(f"cannot load the autoencoder {self.entry.get('spec')!r}: {first_line(err)}") from None
         return self._ae
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:

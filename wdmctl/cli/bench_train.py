@@ -30,6 +30,7 @@ def bench_train(
     import torch
 
     from wdmctl.bench import write_json
+    from wdmctl.errors import first_line
     from wdmctl.scan import available_backends
     from wdmctl.training import benchmark_train_step
 
@@ -45,9 +46,8 @@ def bench_train(
         except Exception as err:  # noqa: BLE001 - a configuration torch.compile cannot handle is a result too
             if not compile:
                 raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             rows.append({"preset": name, "backend": backend, "batch_size": batch, "compile": True,
-                         "error": f"torch.compile failed: {type(err).__name__}: {first}"})
+                         "error": f"torch.compile failed: {type(err).__name__}: {first_line(err, 300)}"})
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-from wdmctl.errors import WdmError
-from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, first_line, prepare_for_export,
+from wdmctl.errors import WdmError, first_line
+from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, prepare_for_export,
                                        source_identity)
 
 BENCH_BACKENDS = ("eager", "eager-torch-scan", "compile", "onnxruntime", "tensorrt")

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from wdmctl.errors import WdmError
+from wdmctl.errors import WdmError, first_line
 from wdmctl.export.manifest import (FORMAT, MANIFEST_FILE, ONNX_FILE, export_versions, read_manifest,
                                     sha256_file, write_manifest)
 from wdmctl.export.verify import TIMESTEPS, TOLERANCES, Tolerances, VerificationCase, verify_onnx
@@ -165,11 +165,6 @@ def example_inputs(config, resolution: int, batch: int, timestep: float | None =
 # ----------------------------------------------------------------------------------------------------
 # Tracing
 # ----------------------------------------------------------------------------------------------------
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _dynamo_export(module: nn.Module, inputs: tuple, names: list[str], settings: ExportSettings):
     """torch.export + onnxscript: the current exporter. Returns an onnx_ir Model."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from wdmctl.errors import MissingDependency, WdmError
+from wdmctl.errors import MissingDependency, WdmError, first_line
 from wdmctl.export.manifest import read_manifest
 
 BACKENDS = ("onnx", "trt")
@@ -53,8 +53,7 @@ def ort_session(onnx_path: Path, device: torch.device, use_tf32: bool = True, st
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as err:  # ORT raises its own exception types for invalid graphs and missing kernels
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WdmError(f"ONNX Runtime cannot load {Path(onnx_path).name} on {provider}: {first}") from None
+        raise WdmError(f"ONNX Runtime cannot load {Path(onnx_path).name} on {provider}: {first_line(err)}") from None
 
 
 class OrtRunner:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from wdmctl.bench import profile_kernels
 from wdmctl.scan import available_backends, selective_scan
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
@@ -90,13 +91,6 @@ def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
     return {"forward_ms": round(fwd, 4), "forward_backward_ms": round(both, 4)}
 
 
-def _profile_kernels(fn, iters: int = 5) -> list[dict[str, Any]]:
-    """The 12 kernels with the most GPU time per call of fn."""
-    from wdmctl.bench import profile_kernels
-
-    return profile_kernels(fn, iters)[:12]
-
-
 def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 10,
                    backends=("torch", "mamba_ssm", "triton"), profile: bool = True) -> dict[str, Any]:
     """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
@@ -146,7 +140,7 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                     out = selective_scan(**leaves, delta_softplus=True, backend="triton")
                     torch.autograd.grad(out, list(leaves.values()), dy)
 
-                payload["triton_profile"][f"{batch}x{d}x{length}"] = _profile_kernels(step)
+                payload["triton_profile"][f"{batch}x{d}x{length}"] = profile_kernels(step)[:12]  # the 12 slowest kernels
     payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
     return payload
 

@@ -744,15 +744,10 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False):
 # rest of the model compiles around them. Eager mode keeps the Functions: a custom op's dispatch costs
 # microseconds per call, and sampling at small batch is bound by exactly such host time.
 
-def _empty_bnl(B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (batch, N, L) gradient as the backward returns it: (batch, L, N) memory viewed transposed."""
-    batch, n, length = B.shape
-    return B.new_empty(batch, length, n, dtype=dtype).transpose(1, 2)
-
-
-def _empty_t(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A (cols, rows) tensor as a transposed view of (rows, cols) memory (dA, the conv's dweight)."""
-    return like.new_empty(rows, cols).t()
+def _empty_transposed(like: torch.Tensor) -> torch.Tensor:
+    """A tensor of like's shape as the backward returns its gradient: memory with the last two axes swapped,
+    viewed back (dB, dC: (batch, L, N) memory; dA: (N, d); the conv's dweight: (width, d))."""
+    return like.new_empty(*like.shape[:-2], like.shape[-1], like.shape[-2]).transpose(-1, -2)
 
 
 @torch.library.custom_op("wdmctl::triton_selective_scan", mutates_args=())
@@ -778,8 +773,8 @@ def _scan_backward_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A:
 @_scan_backward_op.register_fake
 def _scan_backward_op_fake(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     absent = u.new_empty(0)
-    return [_empty_like_layout(u), _empty_like_layout(delta), _empty_t(A.shape[1], A.shape[0], A),
-            _empty_bnl(B, B.dtype), _empty_bnl(C, C.dtype), D.new_empty(D.shape) if D is not None else absent,
+    return [_empty_like_layout(u), _empty_like_layout(delta), _empty_transposed(A),
+            _empty_transposed(B), _empty_transposed(C), D.new_empty(D.shape) if D is not None else absent,
             _empty_like_layout(z) if z is not None else absent,
             delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else absent]
 
@@ -819,7 +814,7 @@ def _conv_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 @_conv_backward_op.register_fake
 def _conv_backward_op_fake(dout, x, weight, bias, silu, reverse):
-    return [_empty_like_layout(x), _empty_t(weight.shape[1], weight.shape[0], weight),
+    return [_empty_like_layout(x), _empty_transposed(weight),
             bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)]
 
 
