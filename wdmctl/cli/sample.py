@@ -9,7 +9,8 @@ import typer
 from wdmctl.cli.app import app
 from wdmctl.cli.bench import PRESETS_HELP, UVIT_HELP, bench_app, preset_runs
 
-CUDA_GRAPH_HELP = "Replay the denoiser from CUDA graphs (one launch per call instead of hundreds; same images)."
+CUDA_GRAPH_HELP = ("Replay the denoiser from CUDA graphs (one launch per call instead of hundreds; CUDA only; "
+                   "the images match eager sampling to one uint8 level).")
 CLIP_X0_HELP = "Clip each predicted x0 to [-1, 1] (default: on for pixel models, off for latent models)."
 
 
