@@ -212,6 +212,82 @@ def conv_parity(device, width, reverse, silu, layout, dtype=torch.float32, lengt
     check(errs, tol, tol, f"conv {device} w={width} rev={reverse} silu={silu} {layout} {dtype}")
 
 
+def run_ptx_on_warp(asm: str, inputs: list[list[float]]) -> list[list[float]]:
+    """Execute the few PTX instructions lane_sum_asm emits on 32 simulated lanes (fp32 adds, lane-id
+    predicates, selects, butterfly shuffles); inputs[k][lane] is operand $NP+k. Returns outputs[k][lane]
+    (a KeyError if the PTX leaves an output unwritten)."""
+    import numpy as np
+
+    np_ = len(inputs)
+    regs = [dict() for _ in range(32)]
+    for lane in range(32):
+        regs[lane].update({f"${np_ + k}": np.float32(inputs[k][lane]) for k in range(np_)})
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith((".reg", "//")):
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        if op == "shfl.sync.bfly.b32":
+            assert a[3:] == ["0x1f", "0xffffffff"], line
+            src = [regs[lane][a[1]] for lane in range(32)]
+            for lane in range(32):
+                regs[lane][a[0]] = src[lane ^ int(a[2])]
+            continue
+        for lane, r in enumerate(regs):
+            if op == "mov.u32" and a[1] == "%laneid":
+                r[a[0]] = lane
+            elif op == "and.b32":
+                r[a[0]] = r[a[1]] & int(a[2])
+            elif op == "setp.ne.u32":
+                r[a[0]] = r[a[1]] != int(a[2])
+            elif op == "selp.f32":
+                r[a[0]] = r[a[1]] if r[a[3]] else r[a[2]]
+            elif op == "add.f32":
+                r[a[0]] = np.float32(r[a[1]] + r[a[2]])
+            elif op == "mov.b32":
+                r[a[0]] = r[a[1]]
+            else:
+                raise AssertionError(f"unexpected PTX: {line}")
+    return [[float(regs[lane][f"${k}"]) for lane in range(32)] for k in range(np_)]
+
+
+@needs_triton
+@pytest.mark.parametrize("np_", [1, 2, 4, 8, 16, 32])
+def test_lane_sum_ptx_sums_each_state_over_the_warp(np_):
+    # the PTX the backward kernels use for dB / dC on the GPU (the interpreter can't run PTX): lane l must end
+    # with the 32-lane total of state l >> (5 - log2 NP), in every output slot, with NP/2 + ... + 1 reduce-
+    # scatter shuffles plus 5 - log2 NP butterflies (instead of tl.sum's 5 NP)
+    asm, io = ts.lane_sum_asm(np_)
+    assert io.split(",") == ["=f"] * np_ + ["f"] * np_
+    assert asm.count("shfl.sync") == (np_ - 1) + (5 - (np_.bit_length() - 1))
+    gen = torch.Generator().manual_seed(np_)
+    values = torch.randn(np_, 32, generator=gen, dtype=torch.float64).float()
+    outputs = run_ptx_on_warp(asm, values.tolist())
+    totals = values.double().sum(1)
+    shift = 5 - (np_.bit_length() - 1)
+    for lane in range(32):
+        for k in range(np_):
+            assert outputs[k][lane] == pytest.approx(totals[lane >> shift].item(), abs=1e-5), (lane, k)
+    with pytest.raises(ValueError, match="power of two"):
+        ts.lane_sum_asm(12)
+
+
+@needs_triton
+def test_lane_sum_is_used_only_where_warps_hold_whole_channels():
+    # the PTX path assumes lane = channel % 32 with all states of a channel in its thread
+    assert ts._lane_sum_flags((32, 1), 16)["LANE_SUM"] == ("" if ts.INTERPRET else ts.lane_sum_asm(16)[0])
+    assert ts._lane_sum_flags((16, 1), 16)["LANE_SUM"] == ""     # states split over 2 lanes
+    assert ts._lane_sum_flags((64, 1), 16)["LANE_SUM"] == ""     # two channels per thread
+    assert ts._lane_sum_flags((32, 1), 64)["LANE_SUM"] == ""     # more states than lanes
+    off = dict(LANE_SUM="", LANE_SUM_IO="")
+    assert ts._partial_rows((64, 2), 100, off) == 2 and ts._partial_rows((64, 2), 100, dict(LANE_SUM="x")) == 4
+    # a register cap is a launch option; the lane layout is the same with or without it
+    assert ts._launch_options((32, 1, 168)) == {"num_warps": 1, "maxnreg": 168}
+    assert ts._launch_options((64, 2)) == {"num_warps": 2}
+    assert ts._lane_sum_flags((32, 1, 168), 16) == ts._lane_sum_flags((32, 1), 16)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU: the compiled kernels
 # ----------------------------------------------------------------------------------------------------
@@ -243,11 +319,13 @@ def test_gpu_optional_inputs(drop, softplus):
     check(compare_with_oracle(x, "cuda", softplus=softplus), 5e-5, 5e-4, f"gpu drop={drop} softplus={softplus}")
 
 
-@pytest.mark.parametrize("layout,d,n", [("contiguous", 64, 16), ("strided", 64, 16), ("model", 37, 12)])
+@pytest.mark.parametrize("layout,d,n", [("contiguous", 64, 16), ("strided", 64, 16), ("model", 37, 12),
+                                        ("model", 70, 4), ("contiguous", 40, 32), ("model", 33, 1)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 def test_gpu_layouts_and_padding(layout, d, n):
-    # 37 channels: a partial channel block; N = 12: states padded to 16
+    # 37 channels: a partial channel block; N = 12: states padded to 16; N = 1, 4, 32: the PTX channel sum's
+    # other lane-to-state maps, with partial 32-channel groups
     x = scan_case(130, d=d, n=n, layout=layout)
     check(compare_with_oracle(x, "cuda", reverse=True), 5e-5, 5e-4, f"gpu {layout} d={d} n={n}")
 

@@ -153,6 +153,36 @@ def _program_setup(u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     return b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, ppart, tl.cdiv(L, CHUNK)
 
 
+@triton.jit
+def _first(a, b):
+    return a
+
+
+@triton.jit
+def _store_channel_sum(x, part_ptr, b, offs_d, offs_n, mn, t, DIM, L, N, pblock,
+                       LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, NP: tl.constexpr):
+    """Store sum_d x[:, d] over this program's channels (x an (NP, BD) tile) as row t of a partial-sum
+    buffer. With LANE_SUM (a PTX reduce-scatter from lane_sum_asm; only when every warp holds 32 whole
+    channels) each warp sums its 32 channels and its lanes store the N results themselves: partial rows are
+    per 32 channels, (batch, cdiv(DIM, 32), L, N). Otherwise tl.sum (a full butterfly per state plus a
+    shared-memory round trip to store) into per-program rows, (batch, programs, L, N), at pblock."""
+    if LANE_SUM != "":
+        total = tl.inline_asm_elementwise(LANE_SUM, LANE_SUM_IO, [x], dtype=tl.float32, is_pure=True, pack=NP)
+        lane = offs_d % 32
+        # lane >> shift is the state whose total a lane ends up with (shift = 5 - log2 NP)
+        shift: tl.constexpr = (NP < 2) + (NP < 4) + (NP < 8) + (NP < 16) + (NP < 32)
+        n_of_lane = lane >> shift
+        row = part_ptr + ((b * tl.cdiv(DIM, 32) + offs_d // 32) * L + t) * N + n_of_lane
+        # the lanes that hold a state's total, in 32-channel groups that exist: a program's channels past DIM
+        # can form whole groups beyond the buffer's last row (d = 70 in blocks of 64: group 3 of 0..2)
+        keep = ((lane & ((1 << shift) - 1)) == 0) & (n_of_lane < N) & ((offs_d // 32) * 32 < DIM)
+        # every state slot holds the same total: take the first (an in-thread "reduction" that compiles to
+        # nothing; a masked store of the whole tile made Triton 3.6 stage it through shared memory)
+        tl.store(row, tl.reduce(total, 0, _first), mask=keep)
+    else:
+        tl.store(pblock + t * N, tl.sum(x, axis=1), mask=mn)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +254,7 @@ def _scan_bwd1_kernel(
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr,
 ):
     """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
@@ -273,7 +304,7 @@ def _scan_bwd1_kernel(
             else:
                 g = go
             tl.store(pf + t * DIM, g * tl.sum(A2 * hc, axis=0) * LN2, mask=md)
-            tl.store(pdc + t * N, tl.sum(h * g[None, :], axis=1), mask=mn)
+            _store_channel_sum(h * g[None, :], dcp_ptr, b, offs_d, offs_n, mn, t, DIM, L, N, pdc, LANE_SUM, LANE_SUM_IO, NP)
             loc += dl
             accf += hc * (g * loc)[None, :]
         # the chunk's delta sum and final state
@@ -296,6 +327,7 @@ def _scan_bwd2_kernel(
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr,
 ):
     """Walks scan positions s = L-1 .. 0 (memory index t = s, or L-1-s when REVERSE). `carry` holds
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
@@ -351,7 +383,7 @@ def _scan_bwd2_kernel(
             ddt = S + u * sdhb
             acc -= dhb * (dtu * loc)[None, :]
             loc -= dl
-            tl.store(pdb + t * N, tl.sum(dh * dtu[None, :], axis=1), mask=mn)
+            _store_channel_sum(dh * dtu[None, :], dbp_ptr, b, offs_d, offs_n, mn, t, DIM, L, N, pdb, LANE_SUM, LANE_SUM_IO, NP)
             du = dl * sdhb
             if HAS_D:
                 du += Dv * g
@@ -463,8 +495,9 @@ def _conv_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configurations: (BD, num_warps). BD >= 32 * num_warps keeps all N states of a channel in one
-# thread (see the module docstring); BD = 64 * num_warps gives each thread two channels.
+# Launch configurations: (BD, num_warps[, maxnreg]). BD >= 32 * num_warps keeps all N states of a channel in
+# one thread (see the module docstring); BD = 64 * num_warps gives each thread two channels. maxnreg caps
+# the registers per thread (ptxas' .maxnreg) to fit more warps on an SM.
 # ----------------------------------------------------------------------------------------------------
 
 FWD_CONFIGS = ((32, 1), (16, 1), (64, 2), (64, 1), (128, 2))
@@ -473,7 +506,10 @@ FWD_CONFIGS = ((32, 1), (16, 1), (64, 2), (64, 1), (128, 2))
 # the registers, twice the warps, a shuffle per sum over N. Tried and dropped (never chosen by the tuner
 # on the H100, docs/triton-scan.md): BD 8, 2-warp blocks, B_t/C_t loaded at use instead of a step ahead,
 # and the sums over channels for dB/dC on the tensor cores instead of warp shuffles.
-BWD_CONFIGS = ((32, 1), (16, 1))
+# The backward passes are latency-bound (a step's dependency chain, 8-10 resident warps per SM at 193 / 238
+# registers): the capped configs trade a few instructions (168: no spills, +13 per step in the SASS; 128:
+# spills outside the time loop) for 12 and 16 warps per SM.
+BWD_CONFIGS = ((32, 1), (16, 1), (32, 1, 168), (32, 1, 128))
 DEFAULT_SCAN_CONFIG = (64, 2)
 DEFAULT_BWD_CONFIG = (64, 2)
 TUNE_MIN_CHANNELS = 8192  # batch * d below this: small problems (tests) skip tuning and its compiles
@@ -482,13 +518,12 @@ _TUNED: dict[tuple, tuple] = {}
 
 def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
     """Pick a config (BD, num_warps, or a conv tile) for one kernel and problem: the env override
-    WDM_TRITON_SCAN_CONFIG="BD,warps" (scan kernels, for profiling), the default for small problems and the
+    WDM_TRITON_SCAN_CONFIG="BD,warps[,maxnreg]" (scan kernels, for profiling), the default for small problems and the
     interpreter, else the fastest config measured once on the real arguments (every config writes only its
     own outputs, so trial runs are harmless)."""
     override = os.environ.get("WDM_TRITON_SCAN_CONFIG")
     if override and not kind.startswith("conv"):
-        bd, warps = (int(v) for v in override.split(","))
-        return bd, warps
+        return tuple(int(v) for v in override.split(","))
     if INTERPRET or channels < TUNE_MIN_CHANNELS:
         return default
     full_key = (kind, *key)
@@ -506,6 +541,67 @@ def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
 def tuned_configs() -> dict[str, tuple]:
     """The configs chosen so far, for benchmark reports: {"kind key...": (BD, num_warps)}."""
     return {" ".join(str(k) for k in key): cfg for key, cfg in _TUNED.items()}
+
+
+def _launch_options(cfg: tuple) -> dict[str, int]:
+    """num_warps (and maxnreg where the config caps registers) of a scan config (BD, num_warps[, maxnreg])."""
+    options = {"num_warps": cfg[1]}
+    if len(cfg) > 2 and cfg[2]:
+        options["maxnreg"] = cfg[2]
+    return options
+
+
+def lane_sum_asm(np_: int) -> tuple[str, str]:
+    """PTX (and its operand constraints) that sums an (NP, 32 lanes) tile over the warp's lanes by
+    reduce-scatter: at each level every lane keeps half of its values and swaps the other half with the lane
+    whose bit `mask` differs (16, 8, ... : NP/2 + NP/4 + ... + 1 shuffles), then plain butterflies over the
+    remaining lane bits. Lane l ends with the total of state l >> (5 - log2 NP), returned in every output.
+    A full butterfly per state (what tl.sum does) takes 5 NP shuffles and adds: 80 of each at NP = 16, against
+    16 here. Operands: $0 .. $(NP-1) out, $NP .. $(2 NP - 1) in (inline_asm_elementwise with pack = NP)."""
+    if np_ < 1 or np_ > 32 or np_ & (np_ - 1):
+        raise ValueError(f"lane_sum_asm needs a power of two up to 32 states, not {np_}")
+    lines = ["{", ".reg .pred %p;", ".reg .b32 %lane, %bit;", "mov.u32 %lane, %laneid;"]
+    values, mask, level = [f"${np_ + k}" for k in range(np_)], 16, 0
+    while len(values) > 1:  # reduce-scatter: lanes with bit `mask` set keep the upper half
+        half = len(values) // 2
+        lines.append(f"and.b32 %bit, %lane, {mask};")
+        lines.append("setp.ne.u32 %p, %bit, 0;")
+        kept = []
+        for k in range(half):
+            keep, send, recv, total = (f"%k{level}_{k}", f"%s{level}_{k}", f"%r{level}_{k}", f"%a{level}_{k}")
+            lines.append(f".reg .f32 {keep}, {send}, {recv}, {total};")
+            lines.append(f"selp.f32 {keep}, {values[k + half]}, {values[k]}, %p;")
+            lines.append(f"selp.f32 {send}, {values[k]}, {values[k + half]}, %p;")
+            lines.append(f"shfl.sync.bfly.b32 {recv}, {send}, {mask}, 0x1f, 0xffffffff;")
+            lines.append(f"add.f32 {total}, {keep}, {recv};")
+            kept.append(total)
+        values, mask, level = kept, mask // 2, level + 1
+    value = values[0]
+    while mask >= 1:  # the lanes that hold the same state: plain butterfly
+        recv, total = f"%r{level}", f"%a{level}"
+        lines.append(f".reg .f32 {recv}, {total};")
+        lines.append(f"shfl.sync.bfly.b32 {recv}, {value}, {mask}, 0x1f, 0xffffffff;")
+        lines.append(f"add.f32 {total}, {value}, {recv};")
+        value, mask, level = total, mask // 2, level + 1
+    lines += [f"mov.b32 ${k}, {value};" for k in range(np_)] + ["}"]
+    return "\n".join(lines), ",".join(["=f"] * np_ + ["f"] * np_)
+
+
+def _lane_sum_flags(cfg: tuple[int, int], np_: int) -> dict[str, str]:
+    """The kernels' LANE_SUM constexprs for a (BD, num_warps) config: the PTX channel sum where every warp
+    holds 32 whole channels and all states of each (BD = 32 * num_warps, N <= 32, compiled), else "" (tl.sum).
+    The interpreter cannot run PTX."""
+    bd, warps = cfg[:2]
+    if INTERPRET or bd != 32 * warps or np_ > 32:
+        return dict(LANE_SUM="", LANE_SUM_IO="")
+    asm, io = lane_sum_asm(np_)
+    return dict(LANE_SUM=asm, LANE_SUM_IO=io)
+
+
+def _partial_rows(cfg: tuple[int, int], d: int, lane_sum: dict[str, str]) -> int:
+    """Partial-sum rows per batch row for dB / dC: one per 32 channels with the PTX channel sum, else one
+    per program."""
+    return triton.cdiv(d, 32) if lane_sum["LANE_SUM"] else triton.cdiv(d, cfg[0])
 
 
 def _bdl(x: torch.Tensor) -> tuple[int, int, int]:
@@ -555,11 +651,11 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     zz = z if z is not None else u  # never read when HAS_Z is off; any valid pointer and strides will do
 
     def launch(cfg):
-        bd, warps = cfg
+        bd = cfg[0]
         _scan_fwd_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, y, batch, d, length, n,
             *_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(y),
-            **flags, BD=bd, num_warps=warps)
+            **flags, BD=bd, **_launch_options(cfg))
 
     launch(_choose("fwd", _key(u, delta, B, z, flags), batch * d, launch, FWD_CONFIGS, DEFAULT_SCAN_CONFIG))
     return y
@@ -588,11 +684,13 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     out = {}
 
     def launch1(cfg):
-        bd, warps = cfg
-        out["dcp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
+        bd = cfg[0]
+        lane_sum = _lane_sum_flags(cfg, flags["NP"])
+        out["dcp"] = torch.empty(batch, _partial_rows(cfg, d, lane_sum), length, n, device=dev, dtype=f32)
         _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
-            batch, d, length, n, *common, *_bdl(dzz), **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+            batch, d, length, n, *common, *_bdl(dzz), **flags, **lane_sum, BD=bd, CHUNK=chunk,
+            **_launch_options(cfg))
         out["dC"] = out["dcp"].sum(1)  # part of what a config costs (smaller BD, more partials): timed too
 
     launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
@@ -604,13 +702,14 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     dbiasp = torch.empty(batch, d, device=dev, dtype=f32)
 
     def launch2(cfg):
-        bd, warps = cfg
-        out["dbp"] = torch.empty(batch, triton.cdiv(d, bd), length, n, device=dev, dtype=f32)
+        bd = cfg[0]
+        lane_sum = _lane_sum_flags(cfg, flags["NP"])
+        out["dbp"] = torch.empty(batch, _partial_rows(cfg, d, lane_sum), length, n, device=dev, dtype=f32)
         _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
             du, ddelta, out["dbp"], dap, ddp, dbiasp,
             batch, d, length, n, *common, *_bdl(du), *_bdl(ddelta),
-            **flags, BD=bd, CHUNK=chunk, num_warps=warps)
+            **flags, **lane_sum, BD=bd, CHUNK=chunk, **_launch_options(cfg))
         out["dB"] = out["dbp"].sum(1)
 
     launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
