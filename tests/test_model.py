@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from wdmctl.cli import app
 from wdmctl.models import PRESETS, build_model
-from wdmctl.models.wdmamba import CYCLE, MambaBlock, WDMamba, column_major_orders
+from wdmctl.models.wdmamba import CYCLE, MambaBlock, WDMamba, transpose_patch_grid
 
 # Parameter counts pinned so an accidental architecture change shows up here (and in README's table).
 EXPECTED_PARAMS = {
@@ -89,11 +89,11 @@ def test_long_skips_connect_mirror_blocks():
 
 
 def test_column_major_order_round_trips():
-    to_col, to_row = column_major_orders(2, 3, 4, "cpu")
-    x = torch.arange(2 + 12)
-    assert x[to_col][:2].tolist() == [0, 1]
-    assert x[to_col][2:6].tolist() == [2, 6, 10, 3]  # down the first column of the 3x4 grid
-    assert torch.equal(x[to_col][to_row], x)
+    x = torch.arange(2 + 12).view(1, -1, 1).expand(2, -1, 3)  # 2 extra tokens + a 3x4 grid, 3 channels
+    col = transpose_patch_grid(x, 2, 3, 4)
+    assert col[0, :2, 0].tolist() == [0, 1]
+    assert col[0, 2:6, 0].tolist() == [2, 6, 10, 3]  # down the first column of the 3x4 grid
+    assert torch.equal(transpose_patch_grid(col, 2, 4, 3), x)
 
 
 def test_tokens_return_to_row_major_order():

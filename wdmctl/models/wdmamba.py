@@ -72,11 +72,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # Token orders: which permutation of the patch grid a block scans
 # ----------------------------------------------------------------------------------------------------
 
-def column_major_orders(num_extra: int, grid_h: int, grid_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather indices (to_column, to_row): [extras, row-major patches] <-> [extras, column-major patches]."""
-    patches = torch.arange(grid_h * grid_w, device=device).view(grid_h, grid_w).t().reshape(-1) + num_extra
-    to_column = torch.cat([torch.arange(num_extra, device=device), patches])
-    return to_column, torch.argsort(to_column)
+def transpose_patch_grid(tokens: torch.Tensor, num_extra: int, rows: int, cols: int) -> torch.Tensor:
+    """[extras, patches of a rows x cols grid in row-major order] -> [extras, the same patches column-major].
+    Applied with (rows, cols) = (H, W) it gives column-major order; with (W, H) it restores row-major. One
+    transposing copy each way (a gather by index would cost a sort and scatter-add in the backward)."""
+    b, _, d = tokens.shape
+    patches = tokens[:, num_extra:].reshape(b, rows, cols, d).transpose(1, 2).reshape(b, rows * cols, d)
+    return torch.cat([tokens[:, :num_extra], patches], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +163,8 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(width, d_state, d_conv, expand, bidirectional)
         self.scale_shift_table = nn.Parameter(torch.randn(3, width) / width ** 0.5)
 
-    def forward(self, x, modulation, skip=None, orders=None):
+    def forward(self, x, modulation, skip=None, grid=None):
+        """grid: (extra tokens, grid height, grid width), for the column-major orders."""
         if self.skip_linear is not None:
             # back to the residual stream's dtype: under bf16 autocast the stream stays fp32 (no bf16 drift
             # accumulating over 26 blocks, a cause of the NaNs Mamba diffusion users report)
@@ -170,11 +173,11 @@ class MambaBlock(nn.Module):
         h = modulate(self.norm(x), shift, scale)
         column = self.order.startswith("column")
         if column:
-            to_column, to_row = orders
-            h = h[:, to_column]
+            num_extra, grid_h, grid_w = grid
+            h = transpose_patch_grid(h, num_extra, grid_h, grid_w)
         h = self.mixer(h, reverse=self.order.endswith("reverse"))
-        if column:
-            h = h[:, to_row]  # back to row-major, so skips and the head never see a permuted order
+        if column:  # back to row-major, so skips and the head never see a permuted order
+            h = transpose_patch_grid(h, num_extra, grid_w, grid_h)
         return x + gate[:, None] * h
 
 
@@ -192,7 +195,7 @@ class TransformerBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x, modulation=None, skip=None, orders=None):
+    def forward(self, x, modulation=None, skip=None, grid=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         b, n, d = x.shape
@@ -218,14 +221,14 @@ class UStage(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x, modulation, orders):
+    def forward(self, x, modulation, grid):
         skips = []
         for block in self.encoder:
-            x = self._run(block, x, modulation, None, orders)
+            x = self._run(block, x, modulation, None, grid)
             skips.append(x)
-        x = self._run(self.bottleneck, x, modulation, None, orders)
+        x = self._run(self.bottleneck, x, modulation, None, grid)
         for block in self.decoder:
-            x = self._run(block, x, modulation, skips.pop(), orders)
+            x = self._run(block, x, modulation, skips.pop(), grid)
         return x
 
 
@@ -386,9 +389,9 @@ class WDMamba(ModelMixin, ConfigMixin):
 
         # 2. W-Net: encoder 1 -> bottleneck 1 -> decoder 1 -> encoder 2 -> bottleneck 2 -> decoder 2
         modulation = self.block_modulation(cond).view(b, 3, -1) if self.is_mamba else None
-        orders = column_major_orders(self.num_extra_tokens, grid_h, grid_w, x.device)
+        grid = (self.num_extra_tokens, grid_h, grid_w)
         for stage in self.w_net:
-            tokens = stage(tokens, modulation, orders)
+            tokens = stage(tokens, modulation, grid)
 
         # 3. head: norm -> Linear -> unpatchify -> Conv2d
         h = self.norm_out(tokens[:, self.num_extra_tokens:])
