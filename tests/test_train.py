@@ -243,6 +243,52 @@ def test_nonfinite_steps_are_skipped_then_training_stops(digits_cache, tmp_path,
         train_direct(digits_cache, tmp_path / "b", "train.max_steps=5", "train.max_nonfinite=2")
 
 
+def test_cuda_graph_is_refused_where_one_graph_cannot_hold_the_step(digits_cache, tmp_path):
+    for extra, why in (("train.grad_accum=2", "train.grad_accum > 1"), ("train.precision=fp16", "train.precision = fp16"),
+                       ("train.compile=true", "train.compile"),
+                       ("train.gradient_checkpointing=true", "train.gradient_checkpointing")):
+        with pytest.raises(WdmError, match=f"train.cuda_graph does not work with {why}"):
+            config.load_recipe(RECIPES / "quickstart.toml", tiny(digits_cache, "train.cuda_graph=true", extra))
+    if not torch.cuda.is_available():
+        with pytest.raises(WdmError, match="train.cuda_graph needs one CUDA GPU; this run has 1 process"):
+            train_direct(digits_cache, tmp_path / "runs", "train.cuda_graph=true")
+
+
+def test_graphed_step_hands_found_inf_to_the_torch_optimizer_under_accelerate():
+    # fused AdamW reads `found_inf` from itself: set on Accelerate's wrapper it would be ignored and a
+    # non-finite step inside a graph would write NaN into the weights
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    net = torch.nn.Linear(2, 2)
+    inner = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    step = training._GraphedStep(net, AcceleratedOptimizer(inner, device_placement=False), torch.ones(10), None, 0.0, 1.0)
+    assert inner.found_inf is step.found_inf
+    assert all(g["lr"] is step.lr and g["capturable"] for g in inner.param_groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_matches_eager_and_skips_nonfinite_steps(digits_cache, tmp_path, monkeypatch):
+    # 3 eager warm-up steps, the capture at step 3, replays after: the same noise (the step's seed), the same
+    # weights, EMA and Adam state as the eager loop, and a NaN batch inside a replay (step 4) is skipped on
+    # the GPU (found_inf) exactly as the eager loop skips it on the host
+    real = training.StepBatches.__getitem__
+
+    def poisoned(self, k):
+        step, micro, x, y = real(self, k)
+        return step, micro, (x * float("nan") if step == 4 else x), y
+
+    monkeypatch.setattr(training.StepBatches, "__getitem__", poisoned)
+    runs = [train_direct(digits_cache, tmp_path / name, "train.max_steps=7", "train.checkpoint_every=7", *extra)
+            for name, extra in (("eager", ()), ("graph", ("train.cuda_graph=true",)))]
+    eager, graphed = (state_of(latest_checkpoint(run)) for run in runs)
+    assert eager.keys() == graphed.keys()
+    for key in eager:
+        torch.testing.assert_close(graphed[key].float(), eager[key].float(), rtol=1e-4, atol=1e-6, msg=key)
+    assert int(graphed["counter.skipped_steps"]) == 1 and int(graphed["counter.step"]) == 7
+    assert "step 4: non-finite loss nan" in (runs[1] / "log.txt").read_text()
+
+
 def test_a_stop_signal_checkpoints_at_the_step_boundary(digits_cache, tmp_path, monkeypatch):
     def interrupt_during_first_step(n, loss):
         if n == 1:
@@ -396,6 +442,53 @@ def test_benchmark_train_step_on_cpu():
     uvit = training.benchmark_train_step("UViT-S/2", batch_size=2, resolution=8, precision="bf16", iters=1, warmup=0,
                                          width=16, num_heads=2, depth=1)
     assert uvit["backend"].startswith("n/a")
+
+
+def test_benchmark_train_step_refuses_cuda_graphs_on_cpu():
+    with pytest.raises(WdmError, match="CUDA graphs need a CUDA device"):
+        training.benchmark_train_step("WDM-S/2", "torch", batch_size=2, resolution=8, device="cpu", cuda_graph=True,
+                                      width=16, depth=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["wdmamba", "uvit"])
+def test_captured_train_step_trains_like_eager(arch):
+    # the graph replays forward, backward, clipping and AdamW on the same buffers: three replays must move
+    # the weights as three eager steps do (same data and noise), and each replay must change them
+    from wdmctl.diffusion import make_noise_scheduler
+    from wdmctl.models.presets import build_model
+
+    extra = dict(num_heads=2) if arch == "uvit" else {}
+    models, x, y = [], torch.randn(4, 4, 8, 8, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
+    abar = training.alphas_cumprod(make_noise_scheduler(), "cuda")
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model("WDM-S/2" if arch == "wdmamba" else "UViT-S/2", sample_size=8, width=32, depth=1,
+                            num_classes=10, **extra).cuda().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=graphed)
+
+        def update():
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = training.diffusion_loss(model, x, y, abar, None, 0.0, 10)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        torch.cuda.manual_seed(1)
+        if graphed:
+            step = training.capture_train_step(update, opt, warmup=1)  # warm-up: one real step, as eager's first
+            before = [p.detach().clone() for p in model.parameters()]
+            step()
+            assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "a replay changed nothing"
+            step()
+        else:
+            for _ in range(3):
+                update()
+                opt.zero_grad(set_to_none=True)
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 def test_step_profile_groups_kernels_by_category():

@@ -94,6 +94,7 @@ class TrainSection:
     label_dropout: float = 0.1          # share of labels replaced by the null class (CFG); conditional only
     compile: bool = False               # torch.compile the denoiser
     gradient_checkpointing: bool = False
+    cuda_graph: bool = False            # replay each optimizer step as one CUDA graph (one CUDA GPU, no accumulation)
     tf32: bool = True                   # TF32 matmuls for the fp32 parts on Ampere and newer
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -155,7 +156,7 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Recipe)  # section name -> dat
 # whose recipe differs elsewhere starts a new run instead of silently continuing a different experiment.
 RESUMABLE_KEYS = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
-    "train.compile", "train.gradient_checkpointing", "data.num_workers", "model.scan_backend",
+    "train.compile", "train.gradient_checkpointing", "train.cuda_graph", "data.num_workers", "model.scan_backend",
     "log.", "sample.", "fid.",
 )
 
@@ -364,6 +365,11 @@ def validate(recipe: Recipe) -> None:
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     _check(t.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
+    if t.cuda_graph:  # what one captured step cannot hold (docs/train.md, Speed)
+        for bad, why in ((t.grad_accum > 1, "train.grad_accum > 1"), (t.precision == "fp16", "train.precision = fp16 "
+                         "(its loss scaler decides on the host)"), (t.compile, "train.compile (use one or the other)"),
+                         (t.gradient_checkpointing, "train.gradient_checkpointing (its recomputation reseeds the RNG)")):
+            _check(not bad, f"train.cuda_graph does not work with {why}")
     _check(0 <= e.decay < 1, f"ema.decay must be in [0, 1), got {e.decay}")
     for section, sec in (("sample", s), ("fid", f)):
         _check(sec.steps >= 1, f"{section}.steps must be >= 1, got {sec.steps}")

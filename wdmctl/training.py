@@ -625,6 +625,8 @@ def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: 
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     rank, world = accelerator.process_index, accelerator.num_processes
+    if t.cuda_graph and (device.type != "cuda" or world > 1):
+        raise WdmError(f"train.cuda_graph needs one CUDA GPU; this run has {world} process(es) on {device.type}")
     reporter = Reporter(run_dir, accelerator.is_main_process)
     try:
         for note in notes:
@@ -647,7 +649,7 @@ def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: 
         null_class = recipe.model.num_classes if recipe.model.num_classes > 0 else None
         o = recipe.optim
         optimizer = torch.optim.AdamW(param_groups(net, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      fused=device.type == "cuda")
+                                      fused=device.type == "cuda", capturable=t.cuda_graph)
         if t.compile:
             net.compile()  # in place: parameter names (and so checkpoints) stay the same
         model, optimizer = accelerator.prepare(net, optimizer)
@@ -731,6 +733,75 @@ class _Interval:
         self.__init__()
 
 
+class _GraphedStep:
+    """train.cuda_graph: a whole optimizer step (loss, backward, clipping, AdamW) replayed as one CUDA graph,
+    which removes the host's ~2,700 kernel launches per step (WDM-B/2) from the step time.
+
+    Batches are copied into static buffers. The noise comes from the default CUDA generator, reseeded every
+    step with the step's seed: a replay reads the generator's seed and offset when it starts, so each step
+    draws exactly what the eager loop's per-step generator draws (same values, same resume semantics). The
+    learning rate is a device tensor the host fills before each replay. Non-finite steps: the step computes
+    `found_inf` on the GPU and fused AdamW skips the update where it is set (and undoes its step count). The
+    first WARMUP steps run eagerly (on a side stream, as capture requires) so that lazy state, cuBLAS
+    workspaces and the Triton scan's autotuning exist before capture; capture itself runs nothing."""
+
+    WARMUP = 3
+
+    def __init__(self, model, optimizer, abar: torch.Tensor, null_class: int | None, label_dropout: float,
+                 max_norm: float):
+        self.model, self.optimizer, self.abar = model, optimizer, abar
+        self.null_class, self.label_dropout, self.max_norm = null_class, label_dropout, max_norm
+        device = abar.device
+        self.lr = torch.zeros((), device=device)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+            group["capturable"] = True  # a checkpoint of an eager run loads its capturable=False back
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        # read by fused AdamW's step: set on the torch optimizer itself, not on Accelerate's wrapper around it
+        getattr(optimizer, "optimizer", optimizer).found_inf = self.found_inf = torch.zeros((), device=device)
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+
+    def _update(self) -> None:
+        loss = diffusion_loss(self.model, self.x, self.y, self.abar, None, self.label_dropout, self.null_class)
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        self.loss.copy_(loss.detach())
+        self.grad_norm.copy_(norm)
+        self.found_inf.copy_((~torch.isfinite(self.loss) | ~torch.isfinite(norm)).float())
+        self.optimizer.step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, seed: int, lr: float) -> tuple[float, float]:
+        """One optimizer step on (x, y); returns (loss, grad norm) (one host sync)."""
+        if self.x is None:
+            self.x = torch.empty_like(x, device=self.abar.device)
+            self.y = torch.empty_like(y, device=self.abar.device)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.lr.fill_(lr)
+        torch.cuda.manual_seed(seed)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_steps < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._update()
+                self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records this step without running it
+                self._update()
+            self.graph.replay()
+        return float(self.loss), float(self.grad_norm)
+
+
 class _Loop:
     """The step loop of `train`, with its bookkeeping (kept out of `train` so each part reads on its own)."""
 
@@ -742,6 +813,8 @@ class _Loop:
         self.recipe, self.reporter, self.run_dir, self.manifest = recipe, reporter, run_dir, manifest
         self.noise_scheduler, self.grid, self.fp16 = noise_scheduler, grid, precision == "fp16"
         self.last_saved = progress.step
+        self.graphed = (_GraphedStep(model, optimizer, abar, null_class, recipe.train.label_dropout,
+                                     recipe.optim.max_grad_norm or float("inf")) if recipe.train.cuda_graph else None)
 
     def _loader(self, first_step: int, last_step: int):
         t, workers = self.recipe.train, self.recipe.data.num_workers
@@ -759,6 +832,9 @@ class _Loop:
         self.model.train()
         while p.step < t.max_steps:
             step = p.step
+            if self.graphed is not None:
+                self._graphed_step(step, batches, stop, interval)
+                continue
             loss_sum = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 got_step, got_micro, x, y = next(batches)
@@ -787,27 +863,53 @@ class _Loop:
                     p.images_seen += t.batch_size
                 p.nonfinite_in_a_row = 0
             else:
-                p.skipped_steps += 1
-                p.nonfinite_in_a_row += 1
-                self.reporter.line(f"step {step}: non-finite loss {loss_value} / grad norm {grad_norm}; step skipped "
-                                   f"({p.nonfinite_in_a_row} in a row, {p.skipped_steps} in total)")
+                self._skipped(step, loss_value, grad_norm)
             self.optimizer.zero_grad(set_to_none=True)
-            p.step = step + 1
-            interval.steps += 1
-            interval.images += t.batch_size
-            if finite:
-                interval.finite += 1
-                interval.loss += loss_value
-                interval.grad_norm += grad_norm
-            if p.nonfinite_in_a_row >= t.max_nonfinite:
-                self._too_many_nonfinite()
-            self._after_step(interval, loss_value, stop_requested)
-            if stop_requested:
-                if self.last_saved != p.step:
-                    self._checkpoint(interval)
-                self.reporter.line(f"stop requested (SIGINT/SIGTERM): stopped at step {p.step}")
-                raise TrainingInterrupted(f"stopped at step {p.step}; checkpoint saved in {self.run_dir}; rerun the "
-                                          f"same command to resume")
+            self._end_step(step, interval, finite, loss_value, grad_norm, stop_requested)
+
+    def _graphed_step(self, step: int, batches, stop: _StopFlag, interval: _Interval) -> None:
+        """One optimizer step through `_GraphedStep` (train.cuda_graph: one process, no accumulation, not fp16).
+        The graph's AdamW skips a non-finite step itself; the host still decides the EMA and the bookkeeping."""
+        t, p = self.recipe.train, self.progress
+        got_step, got_micro, x, y = next(batches)
+        assert (got_step, got_micro) == (step, 0), "data stream out of step"
+        seed = derive_seed(t.seed, _NOISE, step, 0, self.accelerator.process_index)
+        loss_value, grad_norm = self.graphed.step(x, y, seed, self._learning_rate(step))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.ema.update(self.net)
+            p.images_seen += t.batch_size
+            p.nonfinite_in_a_row = 0
+        else:
+            self._skipped(step, loss_value, grad_norm)
+        self._end_step(step, interval, finite, loss_value, grad_norm, bool(stop.stop))
+
+    def _skipped(self, step: int, loss_value: float, grad_norm: float) -> None:
+        p = self.progress
+        p.skipped_steps += 1
+        p.nonfinite_in_a_row += 1
+        self.reporter.line(f"step {step}: non-finite loss {loss_value} / grad norm {grad_norm}; step skipped "
+                           f"({p.nonfinite_in_a_row} in a row, {p.skipped_steps} in total)")
+
+    def _end_step(self, step: int, interval: _Interval, finite: bool, loss_value: float, grad_norm: float,
+                  stop_requested: bool) -> None:
+        t, p = self.recipe.train, self.progress
+        p.step = step + 1
+        interval.steps += 1
+        interval.images += t.batch_size
+        if finite:
+            interval.finite += 1
+            interval.loss += loss_value
+            interval.grad_norm += grad_norm
+        if p.nonfinite_in_a_row >= t.max_nonfinite:
+            self._too_many_nonfinite()
+        self._after_step(interval, loss_value, stop_requested)
+        if stop_requested:
+            if self.last_saved != p.step:
+                self._checkpoint(interval)
+            self.reporter.line(f"stop requested (SIGINT/SIGTERM): stopped at step {p.step}")
+            raise TrainingInterrupted(f"stopped at step {p.step}; checkpoint saved in {self.run_dir}; rerun the "
+                                      f"same command to resume")
 
     def _after_step(self, interval: _Interval, loss_value: float, stop_requested: bool) -> None:
         t, s, p = self.recipe.train, self.recipe.sample, self.progress
@@ -893,11 +995,13 @@ class _Loop:
 def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 32, resolution: int = 32,
                          precision: str = "bf16", iters: int = 10, warmup: int = 3,
                          gradient_checkpointing: bool = False, compile: bool = False, device: str | None = None,
-                         profile: bool = False, **model_overrides: Any) -> dict[str, Any]:
+                         profile: bool = False, cuda_graph: bool = False, **model_overrides: Any) -> dict[str, Any]:
     """Throughput (images/s) and peak memory of one full training step of `preset` with random weights and
     data: the loop's loss (`diffusion_loss`), backward, clipping and fused AdamW, under autocast as
     Accelerate runs it. `resolution` is the latent side (32 = 256 px with the SD VAE). `profile` (CUDA) adds
-    where a step's GPU time goes, by kernel category (`wdmctl.bench.step_profile`)."""
+    where a step's GPU time goes, by kernel category (`wdmctl.bench.step_profile`). `cuda_graph` (CUDA)
+    replays the whole step (loss, backward, clipping, AdamW) as one CUDA graph, which shows the step's speed
+    without the host's ~2,700 kernel launches (`capture_train_step`)."""
     from wdmctl.bench import peak_memory_gib, profile_kernels, step_profile, time_fn
     from wdmctl.diffusion import make_noise_scheduler
     from wdmctl.models.presets import build_model
@@ -906,6 +1010,8 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
     if precision not in dtypes:
         raise WdmError(f"precision must be one of {', '.join(dtypes)}, not {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graph and device.type != "cuda":
+        raise WdmError("CUDA graphs need a CUDA device")
     torch.manual_seed(0)
     model = build_model(preset, sample_size=resolution, **model_overrides).to(device).train()
     if model.is_mamba:
@@ -914,31 +1020,59 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
         model.enable_gradient_checkpointing()
     if compile:
         model.compile()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=2e-4, betas=(0.99, 0.99), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=2e-4, betas=(0.99, 0.99), fused=device.type == "cuda",
+                                  capturable=cuda_graph)
     c, n_classes = model.config.in_channels, model.config.num_classes
     x = torch.randn(batch_size, c, resolution, resolution, device=device)
     y = torch.randint(0, n_classes, (batch_size,), device=device) if n_classes else None
     abar = alphas_cumprod(make_noise_scheduler(), device)
-    generator = torch.Generator(device).manual_seed(0)
+    # a graph replays the default generator's RNG (offsets advance per replay); a private one would need registering
+    generator = None if cuda_graph else torch.Generator(device).manual_seed(0)
     dtype = dtypes[precision]
 
-    def step() -> None:
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    def update() -> None:
+        # autocast's weight-cast cache must be off while capturing (the graph would keep stale casts)
+        autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graph) if dtype is not None
+                    else nullcontext())
         with autocast:
             loss = diffusion_loss(model, x, y, abar, generator, 0.1, n_classes or None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+
+    def step() -> None:
+        update()
         optimizer.zero_grad(set_to_none=True)
 
+    if cuda_graph:
+        step = capture_train_step(update, optimizer)
     ms = time_fn(step, warmup=warmup, iters=iters)
     peak = peak_memory_gib(step)
     extra = {"profile": step_profile(profile_kernels(step), ms)} if profile and device.type == "cuda" else {}
     return {
         "preset": preset, "arch": model.config.arch, "backend": backend if model.is_mamba else "n/a (attention)",
         "batch_size": batch_size, "latent": [c, resolution, resolution], "precision": precision,
-        "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+        "gradient_checkpointing": gradient_checkpointing, "compile": compile, "cuda_graph": cuda_graph,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "ms_per_step": round(ms, 2), "images_per_s": round(batch_size / ms * 1e3, 1), "peak_memory_gib": peak,
         **extra,
     }
+
+
+def capture_train_step(update: Callable[[], None], optimizer: torch.optim.Optimizer, warmup: int = 3) -> Callable[[], None]:
+    """One CUDA graph for a whole optimizer step: `update` (forward, backward, clipping, optimizer.step; no
+    zero_grad) runs `warmup` times on a side stream first (lazy state, cuBLAS workspaces, Triton autotuning:
+    nothing may be created or tuned during capture), then is captured once; the returned function replays it.
+    Gradients are freed before capture, so the captured backward writes them afresh instead of accumulating,
+    and every replay starts from the same buffers. The optimizer must be `capturable`, the inputs static."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            update()
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        update()
+    return graph.replay

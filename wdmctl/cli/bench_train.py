@@ -19,6 +19,8 @@ def bench_train(
     precision: str = typer.Option("bf16", help="Autocast precision: bf16, fp16 or fp32."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser."),
+    cuda_graphs: str = typer.Option("off", help="off, on, or off,on: time the step with eager launches, replayed as "
+                                    "one CUDA graph (forward, backward, clipping, AdamW; CUDA only), or both."),
     profile: bool = typer.Option(False, "--profile", help="Add where each step's GPU time goes, by kernel category "
                                  "(scan, conv1d, GEMM, attention, optimizer, ...), and how busy the GPU was."),
     iters: int = typer.Option(10, min=1, help="Timed steps (median reported)."),
@@ -29,20 +31,24 @@ def bench_train(
     scan backend; an out-of-memory configuration is reported as such, not fatal."""
     import torch
 
-    from wdmctl.bench import write_json
-    from wdmctl.errors import first_line
+    from wdmctl.bench import parse_cuda_graphs, write_json
+    from wdmctl.errors import WdmError, first_line
     from wdmctl.scan import available_backends
     from wdmctl.training import benchmark_train_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    graph_modes = parse_cuda_graphs(cuda_graphs)
+    if any(graph_modes) and device != "cuda":
+        raise WdmError("--cuda-graphs on needs a CUDA device")
     runs, skipped = preset_runs(presets, uvit, backends, available_backends(device), attention="auto")
     rows, notes = [], [f"scan backend {b} is not available on {device}: skipped" for b in skipped]
-    for name, backend in runs:
+    for (name, backend), graphed in ((run, g) for run in runs for g in graph_modes):
         try:
             rows.append(benchmark_train_step(name, backend, batch, resolution, precision, iters, warmup,
-                                             gradient_checkpointing, compile, profile=profile))
+                                             gradient_checkpointing, compile, profile=profile, cuda_graph=graphed))
         except torch.cuda.OutOfMemoryError:
-            rows.append({"preset": name, "backend": backend, "batch_size": batch, "error": "out of memory"})
+            rows.append({"preset": name, "backend": backend, "batch_size": batch, "cuda_graph": graphed,
+                         "error": "out of memory"})
         except Exception as err:  # noqa: BLE001 - a configuration torch.compile cannot handle is a result too
             if not compile:
                 raise
