@@ -157,6 +157,58 @@ def test_interpreter_scan_without_options(interpreter, small_chunks):
     check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp no options")
 
 
+def norm_modulate_case(batch, length, width, device, dtype=torch.float32):
+    """Inputs as a Mamba block passes them: fp32 residual stream, shift/scale as strided views."""
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(batch, length, width, generator=gen) * 3).to(device)
+    mod = (torch.randn(batch, 3, width, generator=gen) * 0.5).to(device)
+    norm = torch.nn.RMSNorm(width, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
+    dh = torch.randn(batch, length, width, generator=gen).to(device, dtype)
+    return x, mod, norm, dh
+
+
+def run_norm_modulate(fn, x, mod, norm, dh, **kwargs):
+    x, mod = x.clone().requires_grad_(True), mod.clone().requires_grad_(True)
+    norm.zero_grad(set_to_none=True)
+    shift, scale, _ = mod.unbind(1)
+    out = fn(x, norm, shift, scale, **kwargs)
+    out.backward(dh.to(out.dtype))
+    return {"out": out.float(), "dx": x.grad, "dmod": mod.grad, "dweight": norm.weight.grad.clone()}
+
+
+def test_interpreter_norm_modulate_matches_torch(interpreter, monkeypatch):
+    # the fused RMSNorm + adaLN kernels: 11 tokens (a partial block of 8), width 40 (padded to 64)
+    from wdmctl.models.norm_modulate import norm_modulate, reference_norm_modulate
+
+    from wdmctl.models import norm_modulate as module
+
+    case = norm_modulate_case(2, 11, 40, "cpu")
+    ref = run_norm_modulate(reference_norm_modulate, *case)
+    monkeypatch.setattr(module, "reference_norm_modulate", None)  # the fused path must not fall back
+    got = run_norm_modulate(norm_modulate, *case, interpret=True)
+    for k in ref:
+        assert rel(got[k], ref[k]) < 2e-6, (k, rel(got[k], ref[k]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gpu_norm_modulate_matches_torch(autocast):
+    # under bf16 autocast the fused output is bf16 (what in_proj would cast to); the reference casts once
+    from wdmctl.models.norm_modulate import norm_modulate, reference_norm_modulate
+
+    case = norm_modulate_case(4, 258, 768, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        ref = run_norm_modulate(reference_norm_modulate, *case)
+        got = run_norm_modulate(norm_modulate, *case)
+    tol = 8e-3 if autocast else 2e-6
+    assert got["out"].dtype == torch.float32  # (as returned by run_norm_modulate)
+    for k in ref:
+        assert rel(got[k], ref[k].to(got[k].dtype)) < tol, (k, rel(got[k], ref[k]))
+
+
 @pytest.mark.parametrize("width,reverse", [(2, False), (4, True)])
 def test_interpreter_conv_matches_oracle(interpreter, width, reverse):
     conv_parity("cpu", width, reverse, silu=True, layout="model")
@@ -271,6 +323,21 @@ def test_lane_sum_ptx_sums_each_state_over_the_warp(np_):
             assert outputs[k][lane] == pytest.approx(totals[lane >> shift].item(), abs=1e-5), (lane, k)
     with pytest.raises(ValueError, match="power of two"):
         ts.lane_sum_asm(12)
+
+
+@needs_triton
+def test_backend_conv_uses_causal_conv1d_only_for_forward_scans(monkeypatch):
+    # causal-conv1d has no reverse; flipping copies around it cost more than its kernel saves
+    from wdmctl.scan import mamba_ssm_scan
+
+    calls = []
+    monkeypatch.setattr(mamba_ssm_scan, "_has", lambda name: True)
+    monkeypatch.setattr(mamba_ssm_scan, "causal_conv1d_mamba", lambda *a, **k: calls.append("causal_conv1d"))
+    monkeypatch.setattr(ts, "causal_conv1d_triton", lambda *a, **k: calls.append("triton"))
+    x, w = torch.zeros(1, 4, 5), torch.zeros(4, 3)
+    ts.causal_conv1d_backend(x, w, None, "silu", reverse=False)
+    ts.causal_conv1d_backend(x, w, None, "silu", reverse=True)
+    assert calls == ["causal_conv1d", "triton"]
 
 
 @needs_triton

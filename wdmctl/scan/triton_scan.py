@@ -936,14 +936,16 @@ _conv_op.register_autograd(_conv_op_backward, setup_context=_conv_op_setup)
 # Registration
 # ----------------------------------------------------------------------------------------------------
 
-# The backend's conv: causal-conv1d's kernel where it is installed (on the H100 it is 5-27% faster
-# forward+backward at L = 258, the model's length; ours is 7% faster at 1026), else ours, which beats the
-# PyTorch fallback 6-15x forward. See docs/triton-scan.md.
+# The backend's conv: causal-conv1d's kernel for forward scans where it is installed (on the H100 it is 5-27%
+# faster forward+backward at L = 258, the model's length; ours is 7% faster at 1026), ours otherwise. causal-
+# conv1d has no reverse: it would need the input and output flipped, and the flips' copies and their backward
+# cost more than its kernel saves (WDM-B/2's profile: 1.9 ms per step in 52 flips). Ours reads reverse through
+# its DIR and beats the PyTorch fallback 6-15x forward. See docs/triton-scan.md.
 def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False):
-    """The triton backend's conv: causal-conv1d's kernel when installed, else our Triton kernel."""
+    """The triton backend's conv: causal-conv1d's kernel when installed and the scan runs forward, else ours."""
     from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
 
-    if _has("causal_conv1d"):
+    if _has("causal_conv1d") and not reverse:
         return causal_conv1d_mamba(x, weight, bias, activation, reverse)
     return causal_conv1d_triton(x, weight, bias, activation, reverse)
 
