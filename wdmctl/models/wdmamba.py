@@ -33,6 +33,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
+from wdmctl.models.norm_modulate import norm_modulate
 from wdmctl.scan import causal_conv1d, selective_scan
 
 ARCHS = ("wdmamba", "umamba", "uvit")
@@ -62,10 +63,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,7 +167,7 @@ class MambaBlock(nn.Module):
             # accumulating over 26 blocks, a cause of the NaNs Mamba diffusion users report)
             x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
         shift, scale, gate = (modulation + self.scale_shift_table[None]).unbind(1)
-        h = modulate(self.norm(x), shift, scale)
+        h = norm_modulate(x, self.norm, shift, scale)   # modulate(norm(x), shift, scale), one kernel on CUDA
         column = self.order.startswith("column")
         if column:
             num_extra, grid_h, grid_w = grid
@@ -394,10 +391,12 @@ class WDMamba(ModelMixin, ConfigMixin):
             tokens = stage(tokens, modulation, grid)
 
         # 3. head: norm -> Linear -> unpatchify -> Conv2d
-        h = self.norm_out(tokens[:, self.num_extra_tokens:])
+        patch_tokens = tokens[:, self.num_extra_tokens:]
         if self.head_modulation is not None:
             shift, scale = self.head_modulation(cond).chunk(2, dim=-1)
-            h = modulate(h, shift, scale)
+            h = norm_modulate(patch_tokens, self.norm_out, shift, scale)
+        else:
+            h = self.norm_out(patch_tokens)
         h = self.proj_out(h)                                                       # (B, HW, p*p*C)
         h = h.view(b, grid_h, grid_w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
         return self.final_conv(h)
