@@ -666,7 +666,8 @@ def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: 
         reporter.line(
             f"run {run_dir} | {recipe.model.preset} {params / 1e6:.2f}M params | data {len(dataset)} images "
             f"{'x'.join(str(v) for v in manifest['latent_shape'])} | batch {t.batch_size} = {world} proc x "
-            f"{t.grad_accum} accum x {batches.micro_batch} | precision {precision} | {device}")
+            f"{t.grad_accum} accum x {batches.micro_batch} | precision {precision} | {device}"
+            + (f" | each step one CUDA graph after {_GraphedStep.WARMUP} eager warm-up steps" if t.cuda_graph else ""))
         if progress.step >= t.max_steps:
             reporter.line(f"already at step {progress.step} >= train.max_steps {t.max_steps}: nothing to do "
                           f"(raise it with --max-steps)")
