@@ -788,17 +788,10 @@ class _GraphedStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._update()
-                self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.current_stream().wait_stream(side)
+            eager_step_before_capture(self._update, self.optimizer)
             self.eager_steps += 1
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records this step without running it
-                self._update()
+            self.graph = capture_step(self._update)   # records this step without running it
             self.graph.replay()
         return float(self.loss), float(self.grad_norm)
 
@@ -1032,7 +1025,9 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
     dtype = dtypes[precision]
 
     def update() -> None:
-        # autocast's weight-cast cache must be off while capturing (the graph would keep stale casts)
+        # weight-cast cache off while capturing, as PyTorch asks of graphed autocast regions (make_graphed_callables
+        # refuses it); an autocast region that opens and closes inside the capture, as train.cuda_graph's does
+        # through Accelerate, clears its cache on exit and records the casts anyway
         autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graph) if dtype is not None
                     else nullcontext())
         with autocast:
@@ -1060,20 +1055,30 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
     }
 
 
-def capture_train_step(update: Callable[[], None], optimizer: torch.optim.Optimizer, warmup: int = 3) -> Callable[[], None]:
-    """One CUDA graph for a whole optimizer step: `update` (forward, backward, clipping, optimizer.step; no
-    zero_grad) runs `warmup` times on a side stream first (lazy state, cuBLAS workspaces, Triton autotuning:
-    nothing may be created or tuned during capture), then is captured once; the returned function replays it.
-    Gradients are freed before capture, so the captured backward writes them afresh instead of accumulating,
-    and every replay starts from the same buffers. The optimizer must be `capturable`, the inputs static."""
+def eager_step_before_capture(update: Callable[[], None], optimizer: torch.optim.Optimizer) -> None:
+    """One eager `update` (forward, backward, clipping, optimizer.step; no zero_grad) on a side stream, as
+    warm-up before a capture must run (lazy state, cuBLAS workspaces, Triton autotuning: nothing may be created
+    or tuned during capture). Gradients are freed after it, so a captured backward writes them afresh instead
+    of accumulating, and every replay starts from the same buffers."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            update()
-            optimizer.zero_grad(set_to_none=True)
+        update()
+        optimizer.zero_grad(set_to_none=True)
     torch.cuda.current_stream().wait_stream(stream)
+
+
+def capture_step(update: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Record `update` as one CUDA graph (capture runs nothing); after `eager_step_before_capture`."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         update()
-    return graph.replay
+    return graph
+
+
+def capture_train_step(update: Callable[[], None], optimizer: torch.optim.Optimizer, warmup: int = 3) -> Callable[[], None]:
+    """One CUDA graph for a whole optimizer step after `warmup` eager steps; returns its replay. The
+    optimizer must be `capturable`, the inputs static."""
+    for _ in range(warmup):
+        eager_step_before_capture(update, optimizer)
+    return capture_step(update).replay
