@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from wdmctl.errors import WdmError
-from wdmctl.scan import available_backends, causal_conv1d, resolve_backend, selective_scan
+from wdmctl.scan import (
+    available_backends,
+    causal_conv1d,
+    causal_conv1d_pair,
+    resolve_backend,
+    selective_scan,
+    selective_scan_pair,
+)
 from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
 T = DEFAULT_CHUNK_SIZE
@@ -48,6 +55,32 @@ def make_inputs(length, batch=2, d=5, n=4, delta_scale=1.0, dtype=torch.float32,
         A=-torch.exp(r(d, n) * 0.5), B=r(batch, n, length).to(dtype), C=r(batch, n, length).to(dtype),
         D=r(d), z=r(batch, d, length).to(dtype), delta_bias=r(d) * 0.1,
     )
+
+
+def column_order(length: int, column_grid) -> list[int]:
+    """Memory index of each position of the column-major order, spelled out independently of wdmctl."""
+    extra, rows, cols = column_grid
+    return list(range(extra)) + [extra + r * cols + c for c in range(cols) for r in range(rows)]
+
+
+def oracle(x: dict, softplus: bool, reverse: bool, column_grid=None) -> torch.Tensor:
+    """The fp64 oracle for every form the kernels take: a token order (gather the inputs into scan order,
+    scan, scatter the output back) and a bidirectional pair (A with a leading axis of 2: one oracle scan per
+    direction, both gated by the same z)."""
+    if x["A"].dim() == 3:
+        half = x["u"].shape[0] // 2
+        ys = []
+        for i, rows in enumerate((slice(None, half), slice(half, None))):
+            xi = {k: (None if v is None else v[i] if k in ("A", "D", "delta_bias") else v if k == "z" else v[rows])
+                  for k, v in x.items()}
+            ys.append(oracle(xi, softplus, reverse != bool(i), column_grid))
+        return torch.cat(ys)
+    if not column_grid:
+        return oracle_scan(**x, delta_softplus=softplus, reverse=reverse)
+    perm = torch.tensor(column_order(x["u"].shape[-1], column_grid))
+    seq = {k: (v[..., perm] if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in x.items()}
+    y_perm = oracle_scan(**seq, delta_softplus=softplus, reverse=reverse)
+    return y_perm[..., torch.argsort(perm)]
 
 
 LENGTHS = [1, 2, 7, T - 1, T, T + 1, 300]
@@ -134,6 +167,18 @@ def oracle_conv(x, weight, bias, silu):
     return F.silu(out) if silu else out
 
 
+def conv_oracle(x, w, b, silu, reverse, column_grid=None):
+    """The fp64 conv oracle in every form: reversed (flip, convolve, flip), in column-major order (gather,
+    convolve, scatter back) and as a pair (w of shape (2, d, width): one per direction, stacked on the batch)."""
+    if w.dim() == 3:
+        return torch.cat([conv_oracle(x, w[i], b[i], silu, reverse != bool(i), column_grid) for i in range(2)])
+    perm = torch.tensor(column_order(x.shape[-1], column_grid)) if column_grid else torch.arange(x.shape[-1])
+    xs = x[..., perm]
+    ref = oracle_conv(xs.flip(-1) if reverse else xs, w, b, silu)
+    ref = ref.flip(-1) if reverse else ref
+    return ref[..., torch.argsort(perm)]
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
@@ -153,3 +198,69 @@ def test_backend_errors_are_one_line():
         with pytest.raises(WdmError, match=r'pip install "wdmctl\[cuda\]"'):
             resolve_backend("mamba_ssm", "cuda")
     assert resolve_backend("auto", "cpu").name == "torch-sequential"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token orders and bidirectional pairs through the interface (backends without them: permuted copies,
+# one call per direction). The triton kernels' in-place forms are checked against the same oracles in
+# test_triton_scan.py.
+# ----------------------------------------------------------------------------------------------------
+
+GRID = (2, 3, 4)   # 2 extra tokens + a 3 x 4 patch grid: 14 tokens, rows != cols
+
+
+def _grad_case(x: dict) -> tuple[dict, dict]:
+    """The same inputs twice, as leaves: one set for wdmctl, one in float64 for the oracle."""
+    ours = {k: (v.clone().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    ref = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    return ours, ref
+
+
+def _pair_inputs(length: int, batch: int = 2) -> dict:
+    x = make_inputs(length, batch=2 * batch, channels_last=True)
+    other = make_inputs(length + 1, batch=batch)
+    x["z"] = x["z"][:batch]
+    for k in ("A", "D", "delta_bias"):
+        x[k] = torch.stack([x[k], other[k]])
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-sequential"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+def test_column_order_and_pairs_match_oracle(backend, reverse, pair):
+    x = _pair_inputs(14) if pair else make_inputs(14, channels_last=True)
+    ours, ref = _grad_case(x)
+    scan = selective_scan_pair if pair else selective_scan
+    out = scan(**ours, delta_softplus=True, reverse=reverse, column_grid=GRID, backend=backend)
+    expected = oracle(ref, True, reverse, GRID)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    dy = torch.randn(expected.shape, dtype=torch.float64)
+    out.backward(dy.float())
+    (expected * dy).sum().backward()
+    for k, v in ours.items():
+        if v is not None:
+            torch.testing.assert_close(v.grad.double(), ref[k].grad, rtol=1e-3, atol=1e-3, msg=f"d{k}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+def test_conv_column_order_and_pairs_match_oracle(reverse, pair):
+    x = torch.randn(2, 14, 6).transpose(1, 2)
+    w, b = torch.randn(*((2,) if pair else ()), 6, 3), torch.randn(*((2,) if pair else ()), 6)
+    conv = causal_conv1d_pair if pair else causal_conv1d
+    out = conv(x, w, b, "silu", reverse, GRID, backend="torch")
+    torch.testing.assert_close(out.double(), conv_oracle(x, w, b, True, reverse, GRID), rtol=1e-5, atol=1e-5)
+
+
+def test_column_order_and_pair_errors_are_one_line():
+    x = make_inputs(14)
+    with pytest.raises(WdmError, match=r"column_grid \(2, 3, 3\) does not describe 14 tokens"):
+        selective_scan(**x, column_grid=(2, 3, 3), backend="torch")
+    with pytest.raises(WdmError, match=r"selective_scan_pair takes A of shape \(2, d, N\)"):
+        selective_scan_pair(**x, backend="torch")
+    with pytest.raises(WdmError, match=r"causal_conv1d_pair takes a weight of shape \(2, d, width\)"):
+        causal_conv1d_pair(x["u"], torch.randn(5, 3), backend="torch")
+    with pytest.raises(WdmError, match=r"column_grid \(0, 2, 2\) does not describe 14 tokens"):
+        causal_conv1d(x["u"], torch.randn(5, 3), column_grid=(0, 2, 2), backend="torch")

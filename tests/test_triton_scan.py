@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from test_scan import make_inputs, oracle_conv, oracle_scan
+from test_scan import column_order, conv_oracle, make_inputs, oracle, oracle_scan
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # without a GPU the kernels can only run interpreted; must be set before triton_scan is imported
@@ -78,14 +78,25 @@ def scan_case(length, batch=2, d=64, n=16, dtype=torch.float32, layout="model", 
     return x
 
 
-def compare_with_oracle(x, device, softplus=True, reverse=False, seed=0):
+def pair_case(length, batch=1, d=64, n=16, dtype=torch.float32):
+    """Inputs of a bidirectional pair in the model's layout: u, delta, B, C with 2 * batch rows, z with batch
+    rows, A, D, delta_bias with a leading axis of 2 (different values per direction)."""
+    x = scan_case(length, batch=2 * batch, d=d, n=n, dtype=dtype)
+    other = make_inputs(length + 1, batch=batch, d=d, n=n)   # another seed: the second direction's parameters
+    x["z"] = x["z"][:batch]
+    for k in ("A", "D", "delta_bias"):
+        x[k] = torch.stack([x[k], other[k]])
+    return x
+
+
+def compare_with_oracle(x, device, softplus=True, reverse=False, seed=0, column_grid=None):
     """Triton output and gradients vs the fp64 oracle on the same (rounded) inputs: {name: rel error}."""
     ref_in = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in x.items()}
-    ref = oracle_scan(**ref_in, delta_softplus=softplus, reverse=reverse)
+    ref = oracle(ref_in, softplus, reverse, column_grid)
     dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     (ref * dy).sum().backward()
     ins = {k: (v.to(device).detach().requires_grad_(True) if v is not None else None) for k, v in x.items()}
-    out = ts.selective_scan_triton(**ins, delta_softplus=softplus, reverse=reverse)
+    out = ts.selective_scan_triton(**ins, delta_softplus=softplus, reverse=reverse, column_grid=column_grid)
     assert out.dtype == x["u"].dtype and out.shape == ref.shape
     out.backward(dy.to(device=device, dtype=out.dtype))
     errs = {"y": rel(out, ref)}
@@ -152,6 +163,22 @@ def test_interpreter_scan_matches_oracle(interpreter, small_chunks, monkeypatch,
     check(compare_with_oracle(x, "cpu", reverse=reverse), 5e-5, 5e-4, f"interp L={length} rev={reverse} {layout}")
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+def test_interpreter_column_order_and_pairs_match_oracle(interpreter, small_chunks, reverse, pair):
+    # 2 extra tokens + a 3 x 4 grid (rows != cols, so a transposed grid would be caught); 14 tokens cross
+    # one 8-step chunk boundary of the backward pass
+    grid = (2, 3, 4)
+    x = pair_case(14, batch=1, d=5, n=3) if pair else scan_case(14, batch=2, d=5, n=3)
+    check(compare_with_oracle(x, "cpu", reverse=reverse, column_grid=grid), 5e-5, 5e-4,
+          f"interp column rev={reverse} pair={pair}")
+
+
+def test_interpreter_pair_without_column_order(interpreter, small_chunks):
+    x = pair_case(9, batch=2, d=5, n=3)
+    check(compare_with_oracle(x, "cpu", reverse=True), 5e-5, 5e-4, "interp pair")
+
+
 def test_interpreter_scan_without_options(interpreter, small_chunks):
     x = scan_case(11, batch=2, d=3, n=4, layout="contiguous", drop=("z", "D", "delta_bias"), softplus=False)
     check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp no options")
@@ -214,16 +241,77 @@ def test_interpreter_conv_matches_oracle(interpreter, width, reverse):
     conv_parity("cpu", width, reverse, silu=True, layout="model")
 
 
-@pytest.mark.parametrize("drop", [(), ("z", "D", "delta_bias")])
-def test_interpreter_custom_ops_pass_opcheck(interpreter, small_chunks, drop):
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+def test_interpreter_conv_column_order_and_pairs_match_oracle(interpreter, reverse, pair):
+    conv_parity("cpu", 3, reverse, silu=True, layout="model", length=14, column_grid=(2, 3, 4), pair=pair)
+
+
+@pytest.mark.parametrize("drop,grid", [((), [2, 3, 3]), (("z", "D", "delta_bias"), [])])
+def test_interpreter_custom_ops_pass_opcheck(interpreter, small_chunks, drop, grid):
     # the torch.compile path: schema, fake (shape/stride) implementations and autograd registration
     x = scan_case(11, batch=2, d=5, n=3, layout="model", drop=drop)
     x = {k: (v.detach().requires_grad_(True) if v is not None else None) for k, v in x.items()}
-    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, True)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, True, grid)
     assert all(r == "SUCCESS" for r in torch.library.opcheck(ts._scan_op, args).values())
-    xc = torch.randn(2, 9, 6).transpose(1, 2).requires_grad_(True)
-    conv_args = (xc, torch.randn(6, 3, requires_grad=True), torch.randn(6, requires_grad=True), True, False)
+    xc = torch.randn(2, 11, 6).transpose(1, 2).requires_grad_(True)
+    conv_args = (xc, torch.randn(6, 3, requires_grad=True), torch.randn(6, requires_grad=True), True, False, grid)
     assert all(r == "SUCCESS" for r in torch.library.opcheck(ts._conv_op, conv_args).values())
+
+
+def test_interpreter_pair_custom_ops_pass_opcheck(interpreter, small_chunks):
+    # a bidirectional pair: twice the rows, parameters with a leading axis of 2, z shared
+    pair = pair_case(11, batch=1, d=5, n=3)
+    args = (*(v.requires_grad_(True) for v in pair.values()), True, False, [2, 3, 3])
+    assert all(r == "SUCCESS" for r in torch.library.opcheck(ts._scan_op, args).values())
+    xc = torch.randn(1, 11, 6).transpose(1, 2).requires_grad_(True)
+    conv_args = (xc, torch.randn(2, 6, 3, requires_grad=True), torch.randn(2, 6, requires_grad=True), True, True, [])
+    assert all(r == "SUCCESS" for r in torch.library.opcheck(ts._conv_op, conv_args).values())
+
+
+def check_model_fusions(device, scan, depth, monkeypatch):
+    """The whole model: triton with the column order read in place and one-launch pairs, against the same
+    kernels behind transposed copies and one call per direction (triton-unfused), and the torch backend;
+    asserts the fused forms reached the kernels. cycle at depth 2 has all four orders; bidirectional has
+    row and column pairs."""
+    from wdmctl.models.wdmamba import WDMamba
+
+    torch.manual_seed(0)
+    model = WDMamba(arch="umamba", sample_size=8, in_channels=3, patch_size=2, width=16, depth=depth,
+                    num_classes=3, d_state=4, expand=1, scan=scan).to(device)
+    x = torch.randn(2, 3, 8, 6, device=device)   # a 4 x 3 patch grid
+    t, y = torch.tensor([5.0, 700.0], device=device), torch.tensor([0, 3], device=device)
+    results, launches = {}, []
+    scan_forward = ts._scan_forward
+
+    def spy(u, delta, A, *args):  # which forms reach the kernels: (pair, column order read in place)
+        launches.append((A.dim() == 3, bool(args[-1])))
+        return scan_forward(u, delta, A, *args)
+
+    monkeypatch.setattr(ts, "_scan_forward", spy)
+    for backend in ("triton", "triton-unfused", "torch"):
+        model.set_scan_backend(backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results[backend] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
+        launches.append(backend)
+    fused, unfused = launches[:launches.index("triton")], launches[launches.index("triton") + 1:launches.index("triton-unfused")]
+    assert (True, True) in fused if scan == "bidirectional" else (False, True) in fused
+    assert all(form == (False, False) for form in unfused)
+    for backend in ("triton-unfused", "torch"):
+        for fused, other in zip(results["triton"], results[backend]):
+            torch.testing.assert_close(fused, other, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan,depth", [("bidirectional", 1), ("cycle", 2)])
+def test_interpreter_model_fusions_match_unfused_and_torch(interpreter, small_chunks, monkeypatch, scan, depth):
+    from wdmctl.scan import BACKENDS
+
+    for name in ("triton", "triton-unfused"):   # the interpreter runs on CPU tensors
+        monkeypatch.setattr(BACKENDS[name], "is_available", lambda: True)
+        monkeypatch.setattr(BACKENDS[name], "devices", ("cpu",))
+    check_model_fusions("cpu", scan, depth, monkeypatch)
 
 
 def test_interpreter_compiled_mixer_matches_eager(interpreter, small_chunks):
@@ -245,23 +333,24 @@ def test_interpreter_compiled_mixer_matches_eager(interpreter, small_chunks):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)   # the same kernels, bit for bit
 
 
-def conv_parity(device, width, reverse, silu, layout, dtype=torch.float32, length=11, d=6, batch=2):
+def conv_parity(device, width, reverse, silu, layout, dtype=torch.float32, length=11, d=6, batch=2,
+                column_grid=None, pair=False):
     """Triton conv output and gradients vs the fp64 oracle; asserts within 1e-5 (fp32)."""
     g = torch.Generator().manual_seed(width)
     x = torch.randn(batch, length, d, generator=g).transpose(1, 2) if layout == "model" else torch.randn(batch, d, length, generator=g)
-    w, b = torch.randn(d, width, generator=g), torch.randn(d, generator=g)
+    directions = (2,) if pair else ()
+    w, b = torch.randn(*directions, d, width, generator=g), torch.randn(*directions, d, generator=g)
     xd, wd, bd = (v.double().requires_grad_(True) for v in (x.to(dtype), w, b))
-    ref = oracle_conv(xd.flip(-1) if reverse else xd, wd, bd, silu)
-    ref = ref.flip(-1) if reverse else ref
+    ref = conv_oracle(xd, wd, bd, silu, reverse, column_grid)
     dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     (ref * dy).sum().backward()
     xs, ws, bs = (v.to(device).requires_grad_(True) for v in (x.to(dtype), w, b))
-    out = ts.causal_conv1d_triton(xs, ws, bs, "silu" if silu else None, reverse=reverse)
-    assert out.dtype == dtype and out.shape == x.shape
+    out = ts.causal_conv1d_triton(xs, ws, bs, "silu" if silu else None, reverse=reverse, column_grid=column_grid)
+    assert out.dtype == dtype and out.shape == ref.shape
     out.backward(dy.to(device=device, dtype=dtype))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     errs = {"y": rel(out, ref), "dx": rel(xs.grad, xd.grad), "dweight": rel(ws.grad, wd.grad), "dbias": rel(bs.grad, bd.grad)}
-    check(errs, tol, tol, f"conv {device} w={width} rev={reverse} silu={silu} {layout} {dtype}")
+    check(errs, tol, tol, f"conv {device} w={width} rev={reverse} silu={silu} {layout} {dtype} grid={column_grid} pair={pair}")
 
 
 def run_ptx_on_warp(asm: str, inputs: list[list[float]]) -> list[list[float]]:
@@ -375,6 +464,37 @@ def test_gpu_fp32_matches_oracle(length, reverse):
 def test_gpu_bf16_matches_oracle(length, reverse):
     x = scan_case(length, dtype=torch.bfloat16, layout="model")
     check(compare_with_oracle(x, "cuda", reverse=reverse), 1e-2, 1e-2, f"gpu bf16 L={length} rev={reverse}")
+
+
+@pytest.mark.parametrize("dtype,tol_out,tol_grad", [(torch.float32, 5e-5, 5e-4), (torch.bfloat16, 1e-2, 1e-2)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("cfg", [(64, 2), (32, 1, 128)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_column_order_and_pairs_match_oracle(monkeypatch, dtype, tol_out, tol_grad, reverse, pair, cfg):
+    # the model's 258 tokens (2 extra + 16 x 16); (32, 1, 128) is the tuner's usual choice (PTX lane sums,
+    # capped registers), (64, 2) the tl.sum path; d = 96 leaves a partial block
+    monkeypatch.setattr(ts, "DEFAULT_SCAN_CONFIG", cfg[:2])
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", cfg)
+    x = pair_case(258, batch=1, d=96, dtype=dtype) if pair else scan_case(258, batch=2, d=96, dtype=dtype)
+    check(compare_with_oracle(x, "cuda", reverse=reverse, column_grid=(2, 16, 16)), tol_out, tol_grad,
+          f"gpu column {dtype} rev={reverse} pair={pair} cfg={cfg}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_conv_column_order_and_pairs_match_oracle(reverse, pair):
+    conv_parity("cuda", 3, reverse, True, "model", length=258, d=70, column_grid=(2, 16, 16), pair=pair)
+
+
+@pytest.mark.parametrize("scan,depth", [("bidirectional", 1), ("cycle", 2)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_model_fusions_match_unfused_and_torch(monkeypatch, scan, depth):
+    check_model_fusions("cuda", scan, depth, monkeypatch)
 
 
 @pytest.mark.parametrize("drop,softplus", [(("z",), True), (("delta_bias",), True), (("D",), True), ((), False),

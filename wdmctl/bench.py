@@ -191,7 +191,7 @@ def parse_cuda_graphs(text: str) -> list[bool]:
 
 def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps: int = 50, cfg: float = 1.0,
                        precision: str = "bf16", iters: int = 2, resolution: int = 32,
-                       cuda_graph: bool = False) -> dict[str, Any]:
+                       cuda_graph: bool = False, **model_overrides: Any) -> dict[str, Any]:
     """Images/s of a full `steps`-step DPM-Solver++ run (denoiser + solver, no autoencoder decode) for a
     randomly initialised preset; cfg != 1 doubles the denoiser batch, as guided sampling does. With
     `cuda_graph` the denoiser replays CUDA graphs (captured in the untimed first run)."""
@@ -200,7 +200,7 @@ def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps:
     from wdmctl.sampling import model_denoiser, sample_images
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(preset, sample_size=resolution).to(device).eval()
+    model = build_model(preset, sample_size=resolution, **model_overrides).to(device).eval()
     if scan_backend and model.is_mamba:
         model.set_scan_backend(scan_backend)
     cfg_m = model.config
@@ -216,7 +216,8 @@ def benchmark_sampling(preset: str, scan_backend: str | None, batch: int, steps:
     del model, denoiser
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"preset": preset, "scan_backend": scan_backend if cfg_m.arch != "uvit" else None, "batch": batch,
+    return {"preset": preset, "scan_backend": scan_backend if cfg_m.arch != "uvit" else None,
+            "scan": cfg_m.scan if cfg_m.arch != "uvit" else None, "batch": batch,
             "resolution": resolution,
             "steps": steps, "cfg": cfg, "precision": precision, "cuda_graph": cuda_graph, "seconds_per_batch": round(ms / 1e3, 3),
             "images_per_second": round(batch / ms * 1e3, 2)}

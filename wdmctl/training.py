@@ -1047,6 +1047,7 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
     extra = {"profile": step_profile(profile_kernels(step), ms)} if profile and device.type == "cuda" else {}
     return {
         "preset": preset, "arch": model.config.arch, "backend": backend if model.is_mamba else "n/a (attention)",
+        "scan": model.config.scan if model.is_mamba else None,
         "batch_size": batch_size, "latent": [c, resolution, resolution], "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": compile, "cuda_graph": cuda_graph,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

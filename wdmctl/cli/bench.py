@@ -17,6 +17,23 @@ PRESETS_HELP = "Comma-separated presets (random weights)."
 UVIT_HELP = "Also time each WD-Mamba preset's same-size U-ViT."
 
 
+SCAN_HELP = ("Scan mode of the Mamba presets: their own (cycle: one direction per block) or bidirectional "
+             "(both directions in every block; U-ViT runs are unaffected).")
+
+
+def scan_overrides(scan: str | None, runs: list[tuple[str, str]]) -> dict[str, dict]:
+    """Model overrides per preset for --scan (checked here, before any run): none for the presets' own mode
+    or a U-ViT, else {"scan": mode}."""
+    from wdmctl.errors import WdmError
+    from wdmctl.models.presets import PRESETS
+    from wdmctl.models.wdmamba import SCAN_MODES
+
+    if scan is not None and scan not in SCAN_MODES:
+        raise WdmError(f"--scan must be one of {', '.join(SCAN_MODES)}, not {scan!r}")
+    return {name: {"scan": scan} if scan and PRESETS.get(name, {}).get("arch") != "uvit" else {}
+            for name, _ in runs}
+
+
 def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], attention: str | None):
     """(preset, scan backend) pairs to time: each preset with every wanted backend that is available, and its
     same-size U-ViT once (it has no scan: `attention` stands in for the backend)."""

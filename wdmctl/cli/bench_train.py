@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from wdmctl.cli.bench import PRESETS_HELP, UVIT_HELP, bench_app, preset_runs
+from wdmctl.cli.bench import PRESETS_HELP, SCAN_HELP, UVIT_HELP, bench_app, preset_runs, scan_overrides
 
 
 @bench_app.command("train")
@@ -14,6 +14,7 @@ def bench_train(
     presets: str = typer.Option("WDM-B/2,WDM-XL/2", help=PRESETS_HELP),
     uvit: bool = typer.Option(True, "--uvit/--no-uvit", help=UVIT_HELP),
     backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
+    scan: Optional[str] = typer.Option(None, help=SCAN_HELP),
     batch: int = typer.Option(32, min=1, help="Images per training step."),
     resolution: int = typer.Option(32, min=2, help="Latent side (32 = 256 px images through the SD VAE)."),
     precision: str = typer.Option("bf16", help="Autocast precision: bf16, fp16 or fp32."),
@@ -41,11 +42,13 @@ def bench_train(
     if any(graph_modes) and device != "cuda":
         raise WdmError("--cuda-graphs on needs a CUDA device")
     runs, skipped = preset_runs(presets, uvit, backends, available_backends(device), attention="auto")
+    overrides = scan_overrides(scan, runs)
     rows, notes = [], [f"scan backend {b} is not available on {device}: skipped" for b in skipped]
     for (name, backend), graphed in ((run, g) for run in runs for g in graph_modes):
         try:
             rows.append(benchmark_train_step(name, backend, batch, resolution, precision, iters, warmup,
-                                             gradient_checkpointing, compile, profile=profile, cuda_graph=graphed))
+                                             gradient_checkpointing, compile, profile=profile, cuda_graph=graphed,
+                                             **overrides[name]))
         except torch.cuda.OutOfMemoryError:
             rows.append({"preset": name, "backend": backend, "batch_size": batch, "cuda_graph": graphed,
                          "error": "out of memory"})

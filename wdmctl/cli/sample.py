@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from wdmctl.cli.app import app
-from wdmctl.cli.bench import PRESETS_HELP, UVIT_HELP, bench_app, preset_runs
+from wdmctl.cli.bench import PRESETS_HELP, SCAN_HELP, UVIT_HELP, bench_app, preset_runs, scan_overrides
 
 CUDA_GRAPH_HELP = ("Replay the denoiser from CUDA graphs (one launch per call instead of hundreds; CUDA only; "
                    "the images match eager sampling to one uint8 level).")
@@ -61,6 +61,7 @@ def bench_sample(
     presets: str = typer.Option("WDM-B/2,WDM-XL/2", help=PRESETS_HELP),
     uvit: bool = typer.Option(True, "--uvit/--no-uvit", help=UVIT_HELP),
     backends: str = typer.Option("mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
+    scan: Optional[str] = typer.Option(None, help=SCAN_HELP),
     batch: int = typer.Option(64, min=1, help="Images per batch."),
     resolution: int = typer.Option(32, min=2, help="Latent side (32 = 256 px images through the SD VAE)."),
     steps: int = typer.Option(50, min=1, help="Solver steps."),
@@ -78,8 +79,10 @@ def bench_sample(
 
     runs, skipped = preset_runs(presets, uvit, backends, available_backends("cuda" if torch.cuda.is_available() else "cpu"),
                                 attention=None)
+    overrides = scan_overrides(scan, runs)
     graph_modes = parse_cuda_graphs(cuda_graphs)
-    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution, graph)
+    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution, graph,
+                               **overrides[preset])
             for preset, backend in runs for cfg in cfgs.split(",") if cfg for precision in precisions.split(",") if precision
             for graph in graph_modes]
     typer.echo(write_json(out, {"benchmark": "sample", "results": rows,

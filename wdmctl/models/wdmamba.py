@@ -19,7 +19,10 @@ The same class builds the paper's comparisons: `arch="umamba"` (one U of 6+1+6 M
 ablation) and `arch="uvit"` (U-ViT: transformer blocks with the same long skips).
 Differences from the paper's text and released code are listed in docs/architecture.md.
 
-Activations stay in (batch, tokens, channels) layout; the scan reads transposed views of them.
+Activations stay in (batch, tokens, channels) layout and in row-major token order; the scan reads
+transposed views of them. Scan backends that read the column-major order in place (triton) get the patch
+grid instead of permuted copies; bidirectional blocks run both directions in one launch where the backend
+can (`selective_scan_pair`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from wdmctl.models.norm_modulate import norm_modulate
-from wdmctl.scan import causal_conv1d, selective_scan
+from wdmctl.scan import (
+    causal_conv1d,
+    causal_conv1d_pair,
+    resolve_backend,
+    selective_scan,
+    selective_scan_pair,
+    transpose_patch_grid,
+)
 
 ARCHS = ("wdmamba", "umamba", "uvit")
 SCAN_MODES = ("cycle", "bidirectional")
@@ -66,19 +76,6 @@ class TimestepEmbedder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Token orders: which permutation of the patch grid a block scans
-# ----------------------------------------------------------------------------------------------------
-
-def transpose_patch_grid(tokens: torch.Tensor, num_extra: int, rows: int, cols: int) -> torch.Tensor:
-    """[extras, patches of a rows x cols grid in row-major order] -> [extras, the same patches column-major].
-    Applied with (rows, cols) = (H, W) it gives column-major order; with (W, H) it restores row-major. One
-    transposing copy each way (a gather by index would cost a sort and scatter-add in the backward)."""
-    b, _, d = tokens.shape
-    patches = tokens[:, num_extra:].reshape(b, rows, cols, d).transpose(1, 2).reshape(b, rows * cols, d)
-    return torch.cat([tokens[:, :num_extra], patches], dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The Mamba-1 mixer (selective state space, S6)
 # ----------------------------------------------------------------------------------------------------
 
@@ -104,17 +101,18 @@ class SSMBranch(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, scan_options: dict) -> torch.Tensor:
-        """x, z: (B, L, d_inner) -> (B, L, d_inner). Scans towards the end (or the start if `reverse`)."""
+    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, column_grid, scan_options: dict) -> torch.Tensor:
+        """x, z: (B, L, d_inner) -> (B, L, d_inner). Scans towards the end (or the start if `reverse`), in
+        column-major order of column_grid when given."""
         backend = scan_options.get("backend", "auto")
         u = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
-                          reverse=reverse, backend=backend)                     # (B, E, L)
+                          reverse=reverse, column_grid=column_grid, backend=backend)   # (B, E, L)
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                              # bias goes in as delta_bias
         y = selective_scan(
             u, delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
             self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
-            reverse=reverse, **scan_options,
+            reverse=reverse, column_grid=column_grid, **scan_options,
         )
         return y.transpose(1, 2)
 
@@ -136,12 +134,56 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, width, bias=False)
         self.scan_options: dict = {}
 
-    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reverse: bool = False, column_grid=None) -> torch.Tensor:
+        """x: (B, L, width) in row-major token order. Scans in column-major order of column_grid =
+        (extra tokens, grid rows, grid cols) when given: read in place by backends that can, else between one
+        transposing copy each way (cheaper than permuting the conv's and the scan's inputs separately)."""
+        backend = resolve_backend(self.scan_options.get("backend", "auto"), x.device.type)
+        if column_grid and not backend.reads_column_order:
+            extra, rows, cols = column_grid
+            y = self._mix(transpose_patch_grid(x, extra, rows, cols), reverse, None, backend)
+            return transpose_patch_grid(y, extra, cols, rows)
+        return self._mix(x, reverse, column_grid, backend)
+
+    def _mix(self, x, reverse, column_grid, backend):
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.forward_branch(x_in, z, reverse, self.scan_options)
-        if self.backward_branch is not None:
-            y = 0.5 * (y + self.backward_branch(x_in, z, not reverse, self.scan_options))
+        if self.backward_branch is None:
+            y = self.forward_branch(x_in, z, reverse, column_grid, self.scan_options)
+        elif backend.selective_scan_pair is not None:
+            y = self._both_directions_at_once(x_in, z, reverse, column_grid)
+        else:
+            y = 0.5 * (self.forward_branch(x_in, z, reverse, column_grid, self.scan_options)
+                       + self.backward_branch(x_in, z, not reverse, column_grid, self.scan_options))
         return self.out_proj(y)
+
+    def _both_directions_at_once(self, x_in, z, reverse, column_grid):
+        """The two branches as one: each step (conv, x_proj, dt_proj, scan) runs both directions in one
+        launch, their inputs stacked on the batch axis and their weights on a new leading axis. The same
+        arithmetic as calling the branches one after the other."""
+        fwd, bwd = self.forward_branch, self.backward_branch
+        batch, length, d_inner = x_in.shape
+        options = dict(self.scan_options)
+        backend = options.pop("backend", "auto")
+
+        def both(get):
+            return torch.stack([get(fwd), get(bwd)])
+
+        u = causal_conv1d_pair(x_in.transpose(1, 2), both(lambda m: m.conv1d.weight.squeeze(1)),
+                               both(lambda m: m.conv1d.bias), "silu", reverse, column_grid, backend)  # (2B, E, L)
+        tokens = u.transpose(1, 2).reshape(2, batch * length, d_inner)
+        dt, B, C = torch.bmm(tokens, both(lambda m: m.x_proj.weight).transpose(1, 2)).split(
+            [fwd.dt_rank, fwd.d_state, fwd.d_state], dim=-1)
+        delta = torch.bmm(dt, both(lambda m: m.dt_proj.weight).transpose(1, 2))
+
+        def rows(t):  # (2, B * L, k) -> (2B, k, L), a view
+            return t.reshape(2 * batch, length, -1).transpose(1, 2)
+
+        y = selective_scan_pair(
+            u, rows(delta), -torch.exp(both(lambda m: m.A_log).float()), rows(B), rows(C),
+            both(lambda m: m.D).float(), z.transpose(1, 2), both(lambda m: m.dt_proj.bias).float(),
+            delta_softplus=True, reverse=reverse, column_grid=column_grid, backend=backend, **options,
+        ).transpose(1, 2)
+        return 0.5 * (y[:batch] + y[batch:])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,13 +210,10 @@ class MambaBlock(nn.Module):
             x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
         shift, scale, gate = (modulation + self.scale_shift_table[None]).unbind(1)
         h = norm_modulate(x, self.norm, shift, scale)   # modulate(norm(x), shift, scale), one kernel on CUDA
-        column = self.order.startswith("column")
-        if column:
-            num_extra, grid_h, grid_w = grid
-            h = transpose_patch_grid(h, num_extra, grid_h, grid_w)
-        h = self.mixer(h, reverse=self.order.endswith("reverse"))
-        if column:  # back to row-major, so skips and the head never see a permuted order
-            h = transpose_patch_grid(h, num_extra, grid_w, grid_h)
+        # tokens stay row-major (skips and the head never see a permuted order); the mixer scans the grid
+        # column by column when this block's order says so
+        column_grid = grid if self.order.startswith("column") else None
+        h = self.mixer(h, reverse=self.order.endswith("reverse"), column_grid=column_grid)
         return x + gate[:, None] * h
 
 

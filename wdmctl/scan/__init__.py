@@ -19,6 +19,17 @@
 scanning, and flipping the output back), so backward scans need no flipped copies in backends that
 support it natively.
 
+`column_grid=(extra, rows, cols)` says the L = extra + rows * cols tokens are [extra tokens, a rows x cols
+patch grid stored row by row], and scans them in column-major order: the extra tokens, then the grid
+column by column (the same as permuting every sequence input with `transpose_patch_grid`, scanning and
+permuting back). Inputs and output stay in memory (row-major) order. Backends with `reads_column_order`
+read that order in place; for the others this module permutes copies.
+
+`selective_scan_pair` and `causal_conv1d_pair` run both directions of a bidirectional block at once:
+the two directions are stacked on the batch axis (2 * batch rows; rows batch.. scan the other way), the
+parameters on a leading axis of 2, and z (batch rows) gates both. Backends that have them do it in one
+launch per kernel; for the others this module makes two calls.
+
 Backends register themselves in `BACKENDS`; "auto" picks the fastest available one for the tensors'
 device. Parameter names never depend on the backend, so a checkpoint trained with one runs on any.
 """
@@ -37,9 +48,12 @@ __all__ = [
     "ScanBackend",
     "available_backends",
     "causal_conv1d",
+    "causal_conv1d_pair",
     "register_backend",
     "resolve_backend",
     "selective_scan",
+    "selective_scan_pair",
+    "transpose_patch_grid",
 ]
 
 
@@ -49,7 +63,9 @@ class ScanBackend:
 
     `priority` orders `auto`'s choice among available backends (higher first); `devices` says which
     device types it runs on; `is_available` is checked lazily so importing wdmctl never imports CUDA
-    extensions.
+    extensions. `reads_column_order`: its scan and conv take `column_grid` and read that order in place.
+    `selective_scan_pair` / `causal_conv1d_pair`: its one-launch bidirectional forms (same signatures, a
+    leading axis of 2 on the parameters), or None.
     """
 
     name: str
@@ -60,14 +76,19 @@ class ScanBackend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     priority: int = 0
     exportable: bool = False
+    reads_column_order: bool = False
+    selective_scan_pair: Callable[..., torch.Tensor] | None = None
+    causal_conv1d_pair: Callable[..., torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
 
 
 BACKENDS: dict[str, ScanBackend] = {}
+_AUTO: dict[str, ScanBackend] = {}   # "auto" per device type, resolved once (models ask in every block)
 
 
 def register_backend(backend: ScanBackend) -> None:
     BACKENDS[backend.name] = backend
+    _AUTO.clear()
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
@@ -85,10 +106,12 @@ def resolve_backend(name: str, device_type: str) -> ScanBackend:
     """Turn a backend name (or "auto") into a backend that runs on `device_type`, or raise a one-line error."""
     _load_builtin_backends()
     if name == "auto":
-        names = available_backends(device_type)
-        if not names:  # pragma: no cover - the torch backend is always there
-            raise WdmError(f"no selective-scan backend runs on {device_type}")
-        return BACKENDS[names[0]]
+        if device_type not in _AUTO:
+            names = available_backends(device_type)
+            if not names:  # pragma: no cover - the torch backend is always there
+                raise WdmError(f"no selective-scan backend runs on {device_type}")
+            _AUTO[device_type] = BACKENDS[names[0]]
+        return _AUTO[device_type]
     if name not in BACKENDS:
         known = ", ".join(sorted(BACKENDS)) + ", auto"
         raise WdmError(f"unknown scan backend {name!r}; choose one of: {known}")
@@ -98,6 +121,26 @@ def resolve_backend(name: str, device_type: str) -> ScanBackend:
     if device_type not in backend.devices:
         raise WdmError(f"scan backend {name!r} runs on {'/'.join(backend.devices)}, not on {device_type}")
     return backend
+
+
+def transpose_patch_grid(tokens: torch.Tensor, num_extra: int, rows: int, cols: int) -> torch.Tensor:
+    """[extras, patches of a rows x cols grid in row-major order] -> [extras, the same patches column-major],
+    for (batch, L, channels) tokens. Applied with (rows, cols) it gives column-major order; with (cols, rows)
+    it restores row-major. One transposing copy each way (a gather by index would cost a sort and
+    scatter-add in the backward)."""
+    b, _, d = tokens.shape
+    patches = tokens[:, num_extra:].reshape(b, rows, cols, d).transpose(1, 2).reshape(b, rows * cols, d)
+    return torch.cat([tokens[:, :num_extra], patches], dim=1)
+
+
+def _permute_sequence(x: torch.Tensor | None, column_grid, back: bool = False) -> torch.Tensor | None:
+    """A (batch, channels, L) sequence in column-major order of column_grid (or back to row-major)."""
+    if x is None:
+        return None
+    extra, rows, cols = column_grid
+    if back:
+        rows, cols = cols, rows
+    return transpose_patch_grid(x.transpose(1, 2), extra, rows, cols).transpose(1, 2)
 
 
 def selective_scan(
@@ -111,12 +154,57 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     reverse: bool = False,
+    column_grid: tuple[int, int, int] | None = None,
     backend: str = "auto",
     **options,
 ) -> torch.Tensor:
     """The selective scan (see the module docstring for shapes and semantics)."""
     impl = resolve_backend(backend, u.device.type)
+    check_column_grid(column_grid, u.shape[-1])
+    if column_grid and impl.reads_column_order:
+        options["column_grid"] = column_grid
+    elif column_grid:
+        u, delta, B, C, z = (_permute_sequence(v, column_grid) for v in (u, delta, B, C, z))
+        y = impl.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **options)
+        return _permute_sequence(y, column_grid, back=True)
     return impl.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **options)
+
+
+def selective_scan_pair(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    column_grid: tuple[int, int, int] | None = None,
+    backend: str = "auto",
+    **options,
+) -> torch.Tensor:
+    """Both directions of a bidirectional block: u, delta (2 * batch, d, L), B, C (2 * batch, N, L), A (2, d, N),
+    D, delta_bias (2, d), z (batch, d, L). Rows :batch scan as `reverse` says with A[0], D[0], delta_bias[0];
+    rows batch: scan the other way with the second set. Returns (2 * batch, d, L)."""
+    impl = resolve_backend(backend, u.device.type)
+    check_column_grid(column_grid, u.shape[-1])
+    if A.dim() != 3 or A.shape[0] != 2 or u.shape[0] % 2:
+        raise WdmError(f"selective_scan_pair takes A of shape (2, d, N) and an even number of rows, "
+                       f"not A {tuple(A.shape)} with {u.shape[0]} rows")
+    if impl.selective_scan_pair is not None and (impl.reads_column_order or not column_grid):
+        if column_grid:
+            options["column_grid"] = column_grid
+        return impl.selective_scan_pair(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **options)
+    half = u.shape[0] // 2
+    ys = [
+        selective_scan(u[rows], delta[rows], A[i], B[rows], C[rows], None if D is None else D[i], z,
+                       None if delta_bias is None else delta_bias[i], delta_softplus, reverse != bool(i),
+                       column_grid, backend, **options)
+        for i, rows in enumerate((slice(None, half), slice(half, None)))
+    ]
+    return torch.cat(ys)
 
 
 def causal_conv1d(
@@ -125,13 +213,66 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     reverse: bool = False,
+    column_grid: tuple[int, int, int] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Depthwise causal conv1d: x (batch, d, L), weight (d, width), optional SiLU; `reverse` makes it anti-causal."""
+    """Depthwise causal conv1d: x (batch, d, L), weight (d, width), optional SiLU; `reverse` makes it
+    anti-causal; `column_grid` convolves along the column-major order (see the module docstring)."""
+    _check_activation(activation)
+    check_column_grid(column_grid, x.shape[-1])
+    impl = resolve_backend(backend, x.device.type)
+    if column_grid and impl.reads_column_order:
+        return impl.causal_conv1d(x, weight, bias, activation, reverse, column_grid)
+    if column_grid:
+        out = impl.causal_conv1d(_permute_sequence(x, column_grid), weight, bias, activation, reverse)
+        return _permute_sequence(out, column_grid, back=True)
+    return impl.causal_conv1d(x, weight, bias, activation, reverse)
+
+
+def causal_conv1d_pair(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    reverse: bool = False,
+    column_grid: tuple[int, int, int] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Both directions' convs of one input: x (batch, d, L), weight (2, d, width), bias (2, d). Returns
+    (2 * batch, d, L): rows :batch convolve as `reverse` says with weight[0], rows batch: the other way."""
+    _check_activation(activation)
+    check_column_grid(column_grid, x.shape[-1])
+    if weight.dim() != 3 or weight.shape[0] != 2:
+        raise WdmError(f"causal_conv1d_pair takes a weight of shape (2, d, width), not {tuple(weight.shape)}")
+    impl = resolve_backend(backend, x.device.type)
+    if impl.causal_conv1d_pair is not None and (impl.reads_column_order or not column_grid):
+        return impl.causal_conv1d_pair(x, weight, bias, activation, reverse, column_grid)
+    return generic_causal_conv1d(backend, x, weight, bias, activation, reverse, column_grid)
+
+
+def generic_causal_conv1d(backend, x, weight, bias, activation, reverse, column_grid):
+    """A conv or a pair of them (weight (2, d, width)) through `backend`'s plain conv, one call per direction."""
+    if weight.dim() == 2:
+        return causal_conv1d(x, weight, bias, activation, reverse, column_grid, backend)
+    return torch.cat([
+        causal_conv1d(x, weight[i], None if bias is None else bias[i], activation, reverse != bool(i),
+                      column_grid, backend)
+        for i in range(2)
+    ])
+
+
+def check_column_grid(column_grid, length: int) -> None:
+    if column_grid is None:
+        return
+    extra, rows, cols = column_grid
+    if extra < 0 or rows < 1 or cols < 1 or extra + rows * cols != length:
+        raise WdmError(f"column_grid {tuple(column_grid)} does not describe {length} tokens "
+                       "(extra tokens + rows * cols)")
+
+
+def _check_activation(activation):
     if activation not in (None, "silu", "swish"):
         raise WdmError(f"causal_conv1d activation must be None or 'silu', not {activation!r}")
-    impl = resolve_backend(backend, x.device.type)
-    return impl.causal_conv1d(x, weight, bias, activation, reverse)
 
 
 _loaded = False

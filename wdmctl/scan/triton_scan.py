@@ -25,6 +25,7 @@ each chunk start from it and telescopes only inside a chunk (error ~ eps * CHUNK
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from wdmctl.scan import ScanBackend, register_backend
+from wdmctl.scan import BACKENDS, ScanBackend, check_column_grid, register_backend
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -114,12 +115,35 @@ def _load_step(pu, pdl, pz, pg, pf, pb, t, s_ul, s_dl, s_zl, s_gl, DIM, md,
 
 
 @triton.jit
-def _next_index(t, L, FORWARD_IN_MEMORY: tl.constexpr):
-    """The next step's memory index, clamped: the last prefetch re-reads a valid element instead of masking."""
-    if FORWARD_IN_MEMORY:
-        return tl.minimum(t + 1, L - 1)
+def _column_major(p, NUM_EXTRA, GRID_W, GRID_ROWS: tl.constexpr):
+    """Memory index of position p of a token order: p itself (GRID_ROWS = 0), or, for [NUM_EXTRA extra tokens,
+    a GRID_ROWS x GRID_W patch grid stored row by row] scanned column by column, the memory index of the
+    p-th token of that column-major order. GRID_ROWS is a compile-time constant, so the division is a
+    multiply and a shift: the order costs a few integer instructions per step instead of two copies."""
+    if GRID_ROWS > 0:
+        j = tl.maximum(p - NUM_EXTRA, 0)
+        col = j // GRID_ROWS
+        p = tl.where(p < NUM_EXTRA, p, NUM_EXTRA + (j - col * GRID_ROWS) * GRID_W + col)
+    return p
+
+
+@triton.jit
+def _memory_index(s, b, BATCH, L, NUM_EXTRA, GRID_W,
+                  REVERSE: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr):
+    """Memory index of scan step s of batch row b: s counted from the end when the row scans in reverse
+    (REVERSE; with PAIR, rows BATCH.. are the other direction of a bidirectional pair), then mapped through
+    the token order (_column_major). Callers clamp s to [0, L): the last prefetch re-reads a valid element."""
+    if PAIR:
+        if REVERSE:
+            rev = b < BATCH
+        else:
+            rev = b >= BATCH
+        p = tl.where(rev, L - 1 - s, s)
+    elif REVERSE:
+        p = L - 1 - s
     else:
-        return tl.maximum(t - 1, 0)
+        p = s
+    return _column_major(p, NUM_EXTRA, GRID_W, GRID_ROWS)
 
 
 @triton.jit
@@ -134,18 +158,28 @@ def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _program_setup(u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, part_ptr, DIM, L, N,
+def _program_setup(u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, part_ptr, BATCH, DIM, L, N,
                s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd,
-               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr):
+               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+               PAIR: tl.constexpr):
     """What every scan kernel starts from: the batch row, this program's channel block (_channel_block),
     pointers to row b of u, delta, z, dy, B/C (packed), f, this block's dB or dC partials, and the chunk
-    count (the forward passes placeholders for what it lacks; unused values compile away)."""
+    count (the forward passes placeholders for what it lacks; unused values compile away). With PAIR the
+    2 * BATCH rows are two directions stacked: rows BATCH.. take the second set of A, D and delta_bias and
+    read z's row b - BATCH (both directions gate with the same z)."""
     b = tl.program_id(1).to(tl.int64)
+    zrow = b
+    if PAIR:
+        second = (b >= BATCH).to(tl.int64)
+        zrow = b - second * BATCH
+        A_ptr += second * N * DIM
+        D_ptr += second * DIM
+        bias_ptr += second * DIM
     offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv = _channel_block(
         A_ptr, D_ptr, bias_ptr, DIM, N, HAS_D, HAS_BIAS, NP, BD)
     pu = u_ptr + b * s_ub + offs_d * s_ud
     pdl = dl_ptr + b * s_db + offs_d * s_dd
-    pz = z_ptr + b * s_zb + offs_d * s_zd
+    pz = z_ptr + zrow * s_zb + offs_d * s_zd
     pg = go_ptr + b * s_gb + offs_d * s_gd
     pb = bc_ptr + b * L * 2 * NP + tl.arange(0, NP)
     pf = f_ptr + b * L * DIM + offs_d
@@ -200,23 +234,20 @@ _CHANNEL_STRIDES = ["s_ud", "s_dd", "s_zd", "s_yd", "s_gd", "s_dzd", "s_dud", "s
 @triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-    BATCH, DIM, L, N,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
     s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
 ):
     """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D)
     fp32; bc_ptr holds B_t and C_t side by side, (batch, L, 2, NP) fp32 (see _pack_bc)."""
     b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, _pg, pb, _pf, _pp, _nc = _program_setup(
-        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, u_ptr, y_ptr, y_ptr, DIM, L, N,
-        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ub, s_ud, HAS_D, HAS_BIAS, NP, BD, 1)
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, u_ptr, y_ptr, y_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ub, s_ud, HAS_D, HAS_BIAS, NP, BD, 1, PAIR)
     py = y_ptr + b * s_yb + offs_d * s_yd
 
-    if REVERSE:
-        tn = L - 1
-    else:
-        tn = 0
+    tn = _memory_index(0, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
     # prefetched inputs of the next step (loop-carried so their loads overlap this step's math)
     u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
                                                     HAS_Z, False, False, NP)
@@ -228,7 +259,7 @@ def _scan_fwd_kernel(
         Bt = b_n
         Ct = c_n
         zt = z_n.to(tl.float32)
-        tn = _next_index(t, L, not REVERSE)
+        tn = _memory_index(tl.minimum(i + 1, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
         u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
                                                         HAS_Z, False, False, NP)
 
@@ -249,20 +280,20 @@ def _scan_fwd_kernel(
 def _scan_bwd1_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     dz_ptr, f_ptr, dcp_ptr, accf_ptr, ck_ptr, ds_ptr,
-    BATCH, DIM, L, N,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
 ):
     """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
     at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk.
     t indexes memory; the chunks are cut in scan order."""
     b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdc, nc = _program_setup(
-        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dcp_ptr, DIM, L, N,
-        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK)
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dcp_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
     pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
 
     h = tl.zeros([NP, BD], dtype=tl.float32)
@@ -272,10 +303,7 @@ def _scan_bwd1_kernel(
         stop = tl.minimum(start + CHUNK, L)
         # each chunk loads its first step afresh: nothing prefetched is carried across chunks (carrying B_t
         # and C_t through both loops made Triton load them in another layout and convert every step)
-        if REVERSE:
-            tn = L - 1 - start
-        else:
-            tn = start
+        tn = _memory_index(start, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
         u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
                                                         md, HAS_Z, True, False, NP)
         loc = tl.zeros([BD], dtype=tl.float32)
@@ -287,7 +315,7 @@ def _scan_bwd1_kernel(
             Bt = b_n
             Ct = c_n
             zt = z_n.to(tl.float32)
-            tn = _next_index(t, L, not REVERSE)
+            tn = _memory_index(tl.minimum(s + 1, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
             u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl,
                                                             DIM, md, HAS_Z, True, False, NP)
 
@@ -321,21 +349,21 @@ def _scan_bwd2_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     f_ptr, accf_ptr, ck_ptr, ds_ptr,
     du_ptr, ddl_ptr, dbp_ptr, dap_ptr, ddp_ptr, dbiasp_ptr,
-    BATCH, DIM, L, N,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
 ):
-    """Walks scan positions s = L-1 .. 0 (memory index t = s, or L-1-s when REVERSE). `carry` holds
+    """Walks scan positions s = L-1 .. 0 (memory index t: _memory_index). `carry` holds
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
     reset exactly from the stored state at each chunk start; `loc` is delta summed from the chunk start
     to s."""
     b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdb, nc = _program_setup(
-        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dbp_ptr, DIM, L, N,
-        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK)
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dbp_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
     pdu = du_ptr + b * s_dub + offs_d * s_dud
     pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
 
@@ -350,13 +378,11 @@ def _scan_bwd2_kernel(
         stop = tl.minimum(start + CHUNK, L)
         loc = tl.load(ds_ptr + (b * nc + c) * DIM + offs_d, mask=md, other=0.0)
         # each chunk loads its last step afresh (see _scan_bwd1_kernel)
-        if REVERSE:
-            tn = L - stop
-        else:
-            tn = stop - 1
+        tn = _memory_index(stop - 1, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
         u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
                                                         md, HAS_Z, True, True, NP)
         for j in range(stop - start):
+            s = stop - 1 - j
             t = tn
             u = u_n.to(tl.float32)
             raw = dl_n.to(tl.float32)
@@ -365,7 +391,7 @@ def _scan_bwd2_kernel(
             Bt = b_n
             Ct = c_n
             zt = z_n.to(tl.float32)
-            tn = _next_index(t, L, REVERSE)
+            tn = _memory_index(tl.maximum(s - 1, 0), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
             u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl,
                                                             DIM, md, HAS_Z, True, True, NP)
 
@@ -411,86 +437,104 @@ def _scan_bwd2_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _conv_tap(x_base, t, s_xl, shift, L, md, DIR: tl.constexpr):
-    """x at positions t + shift * DIR as a (BT, BD) fp32 tile, zero outside [0, L) (the causal padding)."""
-    pos = t + shift * DIR
+def _conv_tap(x_base, t, s_xl, shift, L, md, step, NUM_EXTRA, GRID_W, GRID_ROWS: tl.constexpr):
+    """x at order positions t + shift * step (step = -1 is `reverse`) as a (BT, BD) fp32 tile, zero outside
+    [0, L) (the causal padding); positions map to memory through the token order (_column_major)."""
+    pos = t + shift * step
     ok = (pos >= 0) & (pos < L)
-    return tl.load(x_base + pos[:, None] * s_xl, mask=ok[:, None] & md[None, :], other=0.0).to(tl.float32)
+    mem = _column_major(pos, NUM_EXTRA, GRID_W, GRID_ROWS)
+    return tl.load(x_base + mem[:, None] * s_xl, mask=ok[:, None] & md[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, W: tl.constexpr, DIR: tl.constexpr,
-              BT: tl.constexpr, BD: tl.constexpr):
-    """The pre-activation at positions t + j * DIR: bias + sum_k w[k] x[. - (W-1-k) * DIR]."""
+def _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, step, NUM_EXTRA, GRID_W, W: tl.constexpr,
+              GRID_ROWS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """The pre-activation at positions t + j * step: bias + sum_k w[k] x[. - (W-1-k) * step]."""
     acc = tl.zeros([BT, BD], dtype=tl.float32) + bias[None, :]
     for k in tl.static_range(W):
         wk = tl.load(w_base + k * s_wk, mask=md, other=0.0).to(tl.float32)
-        acc += wk[None, :] * _conv_tap(x_base, t, s_xl, j - (W - 1 - k), L, md, DIR)
+        acc += wk[None, :] * _conv_tap(x_base, t, s_xl, j - (W - 1 - k), L, md, step, NUM_EXTRA, GRID_W, GRID_ROWS)
     return acc
 
 
 @triton.jit
-def _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """This program's (BT steps, BD channels) tile: positions, channels, batch row, channel mask, bias (0 when
-    absent) and x's row pointer per channel."""
+def _conv_tile(x_ptr, w_ptr, bias_ptr, BATCH, DIM, s_xb, s_xd, s_wd, s_wp, HAS_BIAS: tl.constexpr,
+               DIR: tl.constexpr, PAIR: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """This program's (BT positions, BD channels) tile: positions, channels, output row, channel mask, bias
+    (0 when absent), x's row pointer per channel, this row's weights and its step (+1 causal, -1 reverse).
+    With PAIR the 2 * BATCH output rows are two directions of one input: rows BATCH.. read x's row b - BATCH
+    with the second weights (s_wp apart) and the opposite step."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
     b = tl.program_id(2).to(tl.int64)
+    xrow = b
+    step = DIR
+    if PAIR:
+        second = (b >= BATCH).to(tl.int64)
+        xrow = b - second * BATCH
+        w_ptr += second * s_wp
+        bias_ptr += second * DIM
+        step = DIR - 2 * DIR * second
     md = offs_d < DIM
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BD], dtype=tl.float32)
-    return t, offs_d, b, md, bias, x_ptr + b * s_xb + offs_d[None, :] * s_xd
+    return t, offs_d, b, md, bias, x_ptr + xrow * s_xb + offs_d[None, :] * s_xd, w_ptr + offs_d * s_wd, step
 
 
-@triton.jit(do_not_specialize=["L"])
+@triton.jit(do_not_specialize=["BATCH", "L", "NUM_EXTRA", "GRID_W"])
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L,
-    s_xb, s_xd, s_xl, s_wd, s_wk, s_ob, s_od, s_ol,
+    x_ptr, w_ptr, bias_ptr, out_ptr, BATCH, DIM, L, NUM_EXTRA, GRID_W,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_wp, s_ob, s_od, s_ol,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
+    PAIR: tl.constexpr, GRID_ROWS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
-    """out[t] = act(bias + sum_k w[k] x[t - (W-1-k) * DIR]) for a (BT, BD) tile; DIR = -1 is `reverse`."""
-    t, offs_d, b, md, bias, x_base = _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS, BT, BD)
-    pre = _conv_pre(x_base, w_ptr + offs_d * s_wd, bias, t, s_xl, s_wk, 0, L, md, W, DIR, BT, BD)
+    """out[t] = act(bias + sum_k w[k] x[t - (W-1-k) * DIR]) for a (BT, BD) tile of order positions t;
+    DIR = -1 is `reverse`."""
+    t, offs_d, b, md, bias, x_base, w_base, step = _conv_tile(
+        x_ptr, w_ptr, bias_ptr, BATCH, DIM, s_xb, s_xd, s_wd, s_wp, HAS_BIAS, DIR, PAIR, BT, BD)
+    pre = _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, 0, L, md, step, NUM_EXTRA, GRID_W, W, GRID_ROWS, BT, BD)
     if SILU:
         pre = pre * _sigmoid(pre)
     mt = t < L
-    tl.store(out_ptr + b * s_ob + t[:, None] * s_ol + offs_d[None, :] * s_od, pre.to(out_ptr.dtype.element_ty),
+    mem = _column_major(t, NUM_EXTRA, GRID_W, GRID_ROWS)
+    tl.store(out_ptr + b * s_ob + mem[:, None] * s_ol + offs_d[None, :] * s_od, pre.to(out_ptr.dtype.element_ty),
              mask=mt[:, None] & md[None, :])
 
 
-@triton.jit(do_not_specialize=["L"])
+@triton.jit(do_not_specialize=["BATCH", "L", "NUM_EXTRA", "GRID_W"])
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, DIM, L,
-    s_xb, s_xd, s_xl, s_wd, s_wk, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
+    x_ptr, w_ptr, bias_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, BATCH, DIM, L, NUM_EXTRA, GRID_W,
+    s_xb, s_xd, s_xl, s_wd, s_wk, s_wp, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DIR: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr,
+    PAIR: tl.constexpr, GRID_ROWS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
     """One pass, no scratch: dx[t] = sum_j w[W-1-j] dpre[t + j] needs dpre W-1 steps ahead, so the tile
     recomputes the pre-activations there (from L1-resident x) instead of reading a stored dpre.
     dw and dbias: per-tile partial sums, (tiles, W, D) and (tiles, D), summed by the caller."""
-    t, offs_d, b, md, bias, x_base = _conv_tile(x_ptr, bias_ptr, DIM, s_xb, s_xd, HAS_BIAS, BT, BD)
+    t, offs_d, b, md, bias, x_base, w_base, step = _conv_tile(
+        x_ptr, w_ptr, bias_ptr, BATCH, DIM, s_xb, s_xd, s_wd, s_wp, HAS_BIAS, DIR, PAIR, BT, BD)
     g_base = go_ptr + b * s_gb + offs_d[None, :] * s_gd
-    w_base = w_ptr + offs_d * s_wd
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     tile = b * tl.num_programs(0) + tl.program_id(0)
     for j in tl.static_range(W):
-        dpre = _conv_tap(g_base, t, s_gl, j, L, md, DIR)  # dout at t + j (0 outside the sequence)
+        dpre = _conv_tap(g_base, t, s_gl, j, L, md, step, NUM_EXTRA, GRID_W, GRID_ROWS)  # dout at t + j (0 outside)
         if SILU:
-            pre = _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, W, DIR, BT, BD)
+            pre = _conv_pre(x_base, w_base, bias, t, s_xl, s_wk, j, L, md, step, NUM_EXTRA, GRID_W, W, GRID_ROWS,
+                            BT, BD)
             sg = _sigmoid(pre)
             dpre = dpre * sg * (1.0 + pre * (1.0 - sg))
         wj = tl.load(w_base + (W - 1 - j) * s_wk, mask=md, other=0.0).to(tl.float32)
         dx += wj[None, :] * dpre
         if j == 0:  # this tile's own positions: the weight and bias gradients
             for k in tl.static_range(W):
-                xk = _conv_tap(x_base, t, s_xl, -(W - 1 - k), L, md, DIR)
+                xk = _conv_tap(x_base, t, s_xl, -(W - 1 - k), L, md, step, NUM_EXTRA, GRID_W, GRID_ROWS)
                 tl.store(dwp_ptr + (tile * W + k) * DIM + offs_d, tl.sum(dpre * xk, axis=0), mask=md)
             tl.store(dbp_ptr + tile * DIM + offs_d, tl.sum(dpre, axis=0), mask=md)
     mt = t < L
-    tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxl + offs_d[None, :] * s_dxd, dx.to(dx_ptr.dtype.element_ty),
+    mem = _column_major(t, NUM_EXTRA, GRID_W, GRID_ROWS)
+    tl.store(dx_ptr + b * s_dxb + mem[:, None] * s_dxl + offs_d[None, :] * s_dxd, dx.to(dx_ptr.dtype.element_ty),
              mask=mt[:, None] & md[None, :])
 
 
@@ -609,10 +653,12 @@ def _bdl(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _empty_like_layout(x: torch.Tensor, dtype: torch.dtype | None = None, batch: int | None = None) -> torch.Tensor:
     """An empty (batch, d, L) tensor in x's memory order: (batch, L, d) memory viewed transposed when x is
-    channel-contiguous (what the model passes and wants back), else plain contiguous."""
-    batch, d, length = x.shape
+    channel-contiguous (what the model passes and wants back), else plain contiguous. `batch` overrides
+    x's (a bidirectional pair's outputs have twice its rows)."""
+    rows, d, length = x.shape
+    batch = batch or rows
     dtype = dtype or x.dtype
     if x.stride(1) == 1 and x.stride(2) != 1:
         return torch.empty(batch, length, d, device=x.device, dtype=dtype).transpose(1, 2)
@@ -630,9 +676,26 @@ def _pack_bc(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return bc
 
 
-def _flags(D, z, delta_bias, delta_softplus, reverse, n):
+def _order_args(column_grid, length: int, pair: bool) -> tuple[dict, dict]:
+    """Token-order launch arguments: runtime (NUM_EXTRA, GRID_W) and compile-time (PAIR, GRID_ROWS) ones.
+    column_grid = (extra tokens, rows, cols) scans the patch grid column by column (None or () keeps order)."""
+    if not column_grid:
+        return dict(NUM_EXTRA=0, GRID_W=1), dict(PAIR=pair, GRID_ROWS=0)
+    check_column_grid(column_grid, length)
+    extra, rows, cols = (int(v) for v in column_grid)
+    return dict(NUM_EXTRA=extra, GRID_W=cols), dict(PAIR=pair, GRID_ROWS=rows)
+
+
+def _flags(D, z, delta_bias, delta_softplus, reverse, n, order):
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), NP=triton.next_power_of_2(n))
+                SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), NP=triton.next_power_of_2(n), **order)
+
+
+def _per_direction(partials: torch.Tensor, pair: bool) -> torch.Tensor:
+    """Sum per-row partials (rows, ...) over the batch: one total, or one per direction of a pair."""
+    if pair:
+        return partials.view(2, partials.shape[0] // 2, *partials.shape[1:]).sum(1)
+    return partials.sum(0)
 
 
 def _key(u, delta, B, z, flags):
@@ -641,41 +704,50 @@ def _key(u, delta, B, z, flags):
             None if z is None else z.stride(1) == 1, *sorted(flags.items()))
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    batch, d, length = u.shape
-    n = A.shape[1]
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=()):
+    """y (see the scan interface). A of shape (2, d, N) makes it a bidirectional pair: u, delta, B, C and y
+    have 2 * batch rows, rows batch.. scan the other way with A[1], D[1], delta_bias[1], and z (batch rows)
+    gates both."""
+    rows, d, length = u.shape
+    n = A.shape[-1]
+    pair = A.dim() == 3
     y = _empty_like_layout(u)
-    At = A.t().contiguous()  # (N, D): see _CHANNEL_STRIDES for why the kernels want A channel-contiguous
+    At = A.transpose(-1, -2).contiguous()  # (N, D): see _CHANNEL_STRIDES for why the kernels want A channel-contiguous
     bc = _pack_bc(B, C)
-    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n)
+    order, order_flags = _order_args(column_grid, length, pair)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n, order_flags)
     zz = z if z is not None else u  # never read when HAS_Z is off; any valid pointer and strides will do
 
     def launch(cfg):
         bd = cfg[0]
-        _scan_fwd_kernel[(triton.cdiv(d, bd), batch)](
-            u, delta, At, bc, D, zz, delta_bias, y, batch, d, length, n,
+        _scan_fwd_kernel[(triton.cdiv(d, bd), rows)](
+            u, delta, At, bc, D, zz, delta_bias, y, rows // 2 if pair else rows, d, length, n, *order.values(),
             *_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(y),
             **flags, BD=bd, **_launch_options(cfg))
 
-    launch(_choose("fwd", _key(u, delta, B, z, flags), batch * d, launch, FWD_CONFIGS, DEFAULT_SCAN_CONFIG))
+    launch(_choose("fwd", _key(u, delta, B, z, flags), rows * d, launch, FWD_CONFIGS, DEFAULT_SCAN_CONFIG))
     return y
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """All gradients: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the input was None."""
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=()):
+    """All gradients: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the input was None.
+    A pair's rows write their own dz rows, added per direction here (as autograd adds two branches')."""
     batch, d, length = u.shape
-    n = A.shape[1]
+    n = A.shape[-1]
+    pair = A.dim() == 3
     dev = u.device
     f32 = torch.float32
-    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n)
+    order, order_flags = _order_args(column_grid, length, pair)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, n, order_flags)
     key = _key(u, delta, B, z, flags)
     zz = z if z is not None else u
-    At = A.t().contiguous()
+    At = A.transpose(-1, -2).contiguous()
     bc = _pack_bc(B, C)
     chunk = CHUNK  # read at call time, so tests can shrink it to cross chunk boundaries at small L
     nc = triton.cdiv(length, chunk)
-    dz = _empty_like_layout(z) if z is not None else None
+    dz = _empty_like_layout(z, batch=batch) if z is not None else None
     dzz = dz if dz is not None else dy  # never written when HAS_Z is off
+    per_direction_rows = batch // 2 if pair else batch
     f = torch.empty(batch, length, d, device=dev, dtype=f32)
     accf = torch.empty(batch, n, d, device=dev, dtype=f32)
     ck = torch.empty(batch, nc, n, d, device=dev, dtype=f32)
@@ -689,7 +761,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
         out["dcp"] = torch.empty(batch, _partial_rows(cfg, d, lane_sum), length, n, device=dev, dtype=f32)
         _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
-            batch, d, length, n, *common, *_bdl(dzz), **flags, **lane_sum, BD=bd, CHUNK=chunk,
+            per_direction_rows, d, length, n, *order.values(), *common, *_bdl(dzz), **flags, **lane_sum, BD=bd, CHUNK=chunk,
             **_launch_options(cfg))
         out["dC"] = out["dcp"].sum(1)  # part of what a config costs (smaller BD, more partials): timed too
 
@@ -708,7 +780,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
         _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
             u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
             du, ddelta, out["dbp"], dap, ddp, dbiasp,
-            batch, d, length, n, *common, *_bdl(du), *_bdl(ddelta),
+            per_direction_rows, d, length, n, *order.values(), *common, *_bdl(du), *_bdl(ddelta),
             **flags, **lane_sum, BD=bd, CHUNK=chunk, **_launch_options(cfg))
         out["dB"] = out["dbp"].sum(1)
 
@@ -717,9 +789,11 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     # partial sums over channel blocks / batch rows: deterministic, unlike atomics
     dB = out["dB"].to(B.dtype).transpose(1, 2)
     dC = out["dC"].to(C.dtype).transpose(1, 2)
-    dA = dap.sum(0).t().to(A.dtype)
-    dD = ddp.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbiasp.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dA = _per_direction(dap, pair).transpose(-1, -2).to(A.dtype)
+    dD = _per_direction(ddp, pair).to(D.dtype) if D is not None else None
+    dbias = _per_direction(dbiasp, pair).to(delta_bias.dtype) if delta_bias is not None else None
+    if pair and dz is not None:
+        dz = dz[: batch // 2] + dz[batch // 2:]
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
@@ -727,27 +801,33 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Autograd wrapper: the forward keeps only the inputs; the backward recomputes the states."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid):
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
-        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        ctx.flags = (delta_softplus, reverse, column_grid)
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _scan_backward(dy, *ctx.saved_tensors, ctx.delta_softplus, ctx.reverse)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
+        grads = _scan_backward(dy, *ctx.saved_tensors, *ctx.flags)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          reverse=False, **_):
-    """The selective scan (wdmctl.scan's semantics) with our Triton kernels; differentiable."""
+                          reverse=False, column_grid=None, **_):
+    """The selective scan (wdmctl.scan's semantics) with our Triton kernels; differentiable. The column-major
+    token order is read in place (no permuted copies). A of shape (2, d, N) makes it wdmctl.scan's
+    selective_scan_pair: both directions in one launch per kernel, stacked on the batch axis so the kernels
+    see twice the programs, each picking its direction's parameters; z is shared and its two gradients are
+    added in the backward."""
     if u.numel() == 0:
         return torch.empty_like(u)
     A = A.float()
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
+    grid = [int(v) for v in column_grid] if column_grid else []
     scan = _scan_op if torch.compiler.is_compiling() else _SelectiveScanFn.apply
-    return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+    return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid)
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -759,47 +839,63 @@ CONV_FWD_CONFIGS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (16, 1
 CONV_BWD_CONFIGS = ((32, 64, 4), (16, 64, 2), (16, 128, 4), (64, 64, 8), (32, 32, 2))
 
 
-def _conv_key(x, weight, bias, silu, reverse):
-    return (*x.shape, weight.shape[1], str(x.dtype), x.stride(1) == 1, bias is not None, silu, reverse)
+def _conv_key(x, weight, bias, silu, reverse, order_flags):
+    return (*x.shape, *weight.shape, str(x.dtype), x.stride(1) == 1, bias is not None, silu, reverse,
+            *sorted(order_flags.items()))
 
 
-def _conv_forward(x, weight, bias, silu, reverse):
+def _conv_weight_strides(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(channel, tap, direction) strides of a (d, width) or a pair's (2, d, width) weight."""
+    return weight.stride(-2), weight.stride(-1), weight.stride(0) if weight.dim() == 3 else 0
+
+
+def _conv_forward(x, weight, bias, silu, reverse, column_grid=()):
+    """A weight of shape (2, d, width) makes a bidirectional pair: out has 2 * batch rows, rows batch..
+    convolve x the other way with weight[1], bias[1]."""
     batch, d, length = x.shape
-    out = _empty_like_layout(x)
+    pair = weight.dim() == 3
+    rows = 2 * batch if pair else batch
+    out = _empty_like_layout(x, batch=rows)
+    order, order_flags = _order_args(column_grid, length, pair)
 
     def launch(cfg):
         bt, bd, warps = cfg
-        _conv_fwd_kernel[(triton.cdiv(length, bt), triton.cdiv(d, bd), batch)](
-            x, weight, bias, out, d, length, *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(out),
-            W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
-            BT=bt, BD=bd, num_warps=warps)
+        _conv_fwd_kernel[(triton.cdiv(length, bt), triton.cdiv(d, bd), rows)](
+            x, weight, bias, out, batch, d, length, *order.values(), *_bdl(x), *_conv_weight_strides(weight),
+            *_bdl(out), W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
+            **order_flags, BT=bt, BD=bd, num_warps=warps)
 
-    key = _conv_key(x, weight, bias, silu, reverse)
-    launch(_choose("conv_fwd", key, batch * d, launch, CONV_FWD_CONFIGS, CONV_FWD_CONFIGS[0]))
+    key = _conv_key(x, weight, bias, silu, reverse, order_flags)
+    launch(_choose("conv_fwd", key, rows * d, launch, CONV_FWD_CONFIGS, CONV_FWD_CONFIGS[0]))
     return out
 
 
-def _conv_backward(dout, x, weight, bias, silu, reverse):
+def _conv_backward(dout, x, weight, bias, silu, reverse, column_grid=()):
     batch, d, length = x.shape
-    width = weight.shape[1]
-    dx = _empty_like_layout(x)
+    pair = weight.dim() == 3
+    rows = 2 * batch if pair else batch
+    width = weight.shape[-1]
+    dx = _empty_like_layout(x, batch=rows)
+    order, order_flags = _order_args(column_grid, length, pair)
     out = {}
 
     def launch(cfg):
         bt, bd, warps = cfg
         nt = triton.cdiv(length, bt)
-        out["dwp"] = torch.empty(batch * nt, width, d, device=x.device, dtype=torch.float32)
-        out["dbp"] = torch.empty(batch * nt, d, device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[(nt, triton.cdiv(d, bd), batch)](
-            x, weight, bias, dout, dx, out["dwp"], out["dbp"], d, length,
-            *_bdl(x), weight.stride(0), weight.stride(1), *_bdl(dout), *_bdl(dx),
+        out["dwp"] = torch.empty(rows * nt, width, d, device=x.device, dtype=torch.float32)
+        out["dbp"] = torch.empty(rows * nt, d, device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[(nt, triton.cdiv(d, bd), rows)](
+            x, weight, bias, dout, dx, out["dwp"], out["dbp"], batch, d, length, *order.values(),
+            *_bdl(x), *_conv_weight_strides(weight), *_bdl(dout), *_bdl(dx),
             W=width, HAS_BIAS=bias is not None, SILU=silu, DIR=-1 if reverse else 1,
-            BT=bt, BD=bd, num_warps=warps)
+            **order_flags, BT=bt, BD=bd, num_warps=warps)
 
-    key = _conv_key(x, weight, bias, silu, reverse)
-    launch(_choose("conv_bwd", key, batch * d, launch, CONV_BWD_CONFIGS, CONV_BWD_CONFIGS[0]))
-    dw = out["dwp"].sum(0).t().to(weight.dtype)
-    db = out["dbp"].sum(0).to(bias.dtype) if bias is not None else None
+    key = _conv_key(x, weight, bias, silu, reverse, order_flags)
+    launch(_choose("conv_bwd", key, rows * d, launch, CONV_BWD_CONFIGS, CONV_BWD_CONFIGS[0]))
+    dw = _per_direction(out["dwp"], pair).transpose(-1, -2).to(weight.dtype)
+    db = _per_direction(out["dbp"], pair).to(bias.dtype) if bias is not None else None
+    if pair:  # both directions read x: their gradients add up
+        dx = dx[:batch] + dx[batch:]
     return dx, dw, db
 
 
@@ -807,31 +903,33 @@ class _CausalConv1dFn(torch.autograd.Function):
     """Autograd wrapper for the Triton causal conv1d; the backward recomputes the activation."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu, reverse):
+    def forward(ctx, x, weight, bias, silu, reverse, column_grid):
         ctx.save_for_backward(x, weight, bias)
-        ctx.silu, ctx.reverse = silu, reverse
-        return _conv_forward(x, weight, bias, silu, reverse)
+        ctx.flags = (silu, reverse, column_grid)
+        return _conv_forward(x, weight, bias, silu, reverse, column_grid)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
-        dx, dw, db = _conv_backward(dout, x, weight, bias, ctx.silu, ctx.reverse)
+        dx, dw, db = _conv_backward(dout, x, weight, bias, *ctx.flags)
         need = ctx.needs_input_grad
-        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False):
+def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False, column_grid=None):
     """Depthwise causal conv1d (wdmctl.scan's semantics) with our Triton kernels: x (batch, d, L) with
-    any strides, weight (d, width <= 4), optional SiLU, `reverse` anti-causal without flipped copies.
-    Computes in fp32, returns x's dtype (like causal-conv1d)."""
-    if weight.shape[1] > 4:
-        from wdmctl.scan.torch_scan import causal_conv1d_torch  # widths over 4: no unrolled kernel
+    any strides, weight (d, width <= 4), optional SiLU, `reverse` anti-causal and the column-major order
+    read in place, without permuted copies. Computes in fp32, returns x's dtype (like causal-conv1d).
+    A weight of shape (2, d, width) convolves both directions of a pair in one launch (2 * batch rows)."""
+    if weight.shape[-1] > 4:  # widths over 4: no unrolled kernel
+        from wdmctl.scan import generic_causal_conv1d
 
-        return causal_conv1d_torch(x, weight, bias, activation, reverse)
+        return generic_causal_conv1d("torch", x, weight, bias, activation, reverse, column_grid)
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return x.new_empty(2 * x.shape[0] if weight.dim() == 3 else x.shape[0], *x.shape[1:])
+    grid = [int(v) for v in column_grid] if column_grid else []
     conv = _conv_op if torch.compiler.is_compiling() else _CausalConv1dFn.apply
-    return conv(x, weight, bias, activation in ("silu", "swish"), bool(reverse))
+    return conv(x, weight, bias, activation in ("silu", "swish"), bool(reverse), grid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -852,25 +950,26 @@ def _empty_transposed(like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("wdmctl::triton_selective_scan", mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-             delta_softplus: bool, reverse: bool) -> torch.Tensor:
-    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+             delta_softplus: bool, reverse: bool, column_grid: list[int]) -> torch.Tensor:
+    return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
 
 
 @_scan_op.register_fake
-def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid):
     return _empty_like_layout(u)
 
 
 @torch.library.custom_op("wdmctl::triton_selective_scan_backward", mutates_args=())
 def _scan_backward_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                       C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-                      delta_bias: Optional[torch.Tensor], delta_softplus: bool, reverse: bool) -> list[torch.Tensor]:
-    grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+                      delta_bias: Optional[torch.Tensor], delta_softplus: bool, reverse: bool,
+                      column_grid: list[int]) -> list[torch.Tensor]:
+    grads = _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
     return [g if g is not None else u.new_empty(0) for g in grads]   # a custom op returns no None
 
 
 @_scan_backward_op.register_fake
-def _scan_backward_op_fake(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+def _scan_backward_op_fake(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid):
     absent = u.new_empty(0)
     return [_empty_like_layout(u), _empty_like_layout(delta), _empty_transposed(A),
             _empty_transposed(B), _empty_transposed(C), D.new_empty(D.shape) if D is not None else absent,
@@ -879,15 +978,15 @@ def _scan_backward_op_fake(dy, u, delta, A, B, C, D, z, delta_bias, delta_softpl
 
 
 def _scan_op_setup(ctx, inputs, output):
-    *tensors, delta_softplus, reverse = inputs
+    *tensors, delta_softplus, reverse, column_grid = inputs
     ctx.save_for_backward(*tensors)
-    ctx.flags = (delta_softplus, reverse)
+    ctx.flags = (delta_softplus, reverse, column_grid)
 
 
 def _scan_op_backward(ctx, dy):
     tensors = ctx.saved_tensors
     grads = _scan_backward_op(dy, *tensors, *ctx.flags)
-    return (*(g if t is not None else None for g, t in zip(grads, tensors)), None, None)
+    return (*(g if t is not None else None for g, t in zip(grads, tensors)), None, None, None)
 
 
 _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
@@ -895,38 +994,38 @@ _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
 
 @torch.library.custom_op("wdmctl::triton_causal_conv1d", mutates_args=())
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
-             reverse: bool) -> torch.Tensor:
-    return _conv_forward(x, weight, bias, silu, reverse)
+             reverse: bool, column_grid: list[int]) -> torch.Tensor:
+    return _conv_forward(x, weight, bias, silu, reverse, column_grid)
 
 
 @_conv_op.register_fake
-def _conv_op_fake(x, weight, bias, silu, reverse):
-    return _empty_like_layout(x)
+def _conv_op_fake(x, weight, bias, silu, reverse, column_grid):
+    return _empty_like_layout(x, batch=x.shape[0] * (2 if weight.dim() == 3 else 1))
 
 
 @torch.library.custom_op("wdmctl::triton_causal_conv1d_backward", mutates_args=())
 def _conv_backward_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      silu: bool, reverse: bool) -> list[torch.Tensor]:
-    dx, dw, db = _conv_backward(dout, x, weight, bias, silu, reverse)
+                      silu: bool, reverse: bool, column_grid: list[int]) -> list[torch.Tensor]:
+    dx, dw, db = _conv_backward(dout, x, weight, bias, silu, reverse, column_grid)
     return [dx, dw, db if db is not None else x.new_empty(0)]
 
 
 @_conv_backward_op.register_fake
-def _conv_backward_op_fake(dout, x, weight, bias, silu, reverse):
+def _conv_backward_op_fake(dout, x, weight, bias, silu, reverse, column_grid):
     return [_empty_like_layout(x), _empty_transposed(weight),
             bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)]
 
 
 def _conv_op_setup(ctx, inputs, output):
-    x, weight, bias, silu, reverse = inputs
+    x, weight, bias, silu, reverse, column_grid = inputs
     ctx.save_for_backward(x, weight, bias)
-    ctx.flags = (silu, reverse)
+    ctx.flags = (silu, reverse, column_grid)
 
 
 def _conv_op_backward(ctx, dout):
     x, weight, bias = ctx.saved_tensors
     dx, dw, db = _conv_backward_op(dout, x, weight, bias, *ctx.flags)
-    return dx, dw, db if bias is not None else None, None, None
+    return dx, dw, db if bias is not None else None, None, None, None
 
 
 _conv_op.register_autograd(_conv_op_backward, setup_context=_conv_op_setup)
@@ -941,13 +1040,14 @@ _conv_op.register_autograd(_conv_op_backward, setup_context=_conv_op_setup)
 # conv1d has no reverse: it would need the input and output flipped, and the flips' copies and their backward
 # cost more than its kernel saves (WDM-B/2's profile: 1.9 ms per step in 52 flips). Ours reads reverse through
 # its DIR and beats the PyTorch fallback 6-15x forward. See docs/triton-scan.md.
-def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False):
-    """The triton backend's conv: causal-conv1d's kernel when installed and the scan runs forward, else ours."""
+def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False, column_grid=None):
+    """The triton backend's conv: causal-conv1d's kernel when installed and the scan runs forward in memory
+    order, else ours (reverse, column-major order, bidirectional pairs)."""
     from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
 
-    if _has("causal_conv1d") and not reverse:
+    if _has("causal_conv1d") and not reverse and not column_grid and weight.dim() == 2:
         return causal_conv1d_mamba(x, weight, bias, activation, reverse)
-    return causal_conv1d_triton(x, weight, bias, activation, reverse)
+    return causal_conv1d_triton(x, weight, bias, activation, reverse, column_grid)
 
 
 def is_available() -> bool:
@@ -961,5 +1061,14 @@ register_backend(ScanBackend(
     is_available=is_available,
     install_hint="pip install triton (Linux with an NVIDIA GPU; it comes with PyTorch's CUDA wheels)",
     devices=("cuda",),
+    reads_column_order=True,
+    selective_scan_pair=selective_scan_triton,   # A of shape (2, d, N) selects the pair kernels
+    causal_conv1d_pair=causal_conv1d_backend,
     priority=20,  # above mamba_ssm's 10: 2.1-3.5x faster forward+backward on the H100 (docs/triton-scan.md)
 ))
+
+# The same kernels without the two token-order fusions: the column-major order goes through transposed
+# copies and a bidirectional block makes one call per direction. Kept so that `bench train --backends
+# triton,triton-unfused` measures what the fusions win (docs/triton-scan.md); `auto` never picks it.
+register_backend(dataclasses.replace(BACKENDS["triton"], name="triton-unfused", reads_column_order=False,
+                                     selective_scan_pair=None, causal_conv1d_pair=None, priority=15))
