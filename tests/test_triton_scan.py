@@ -236,6 +236,41 @@ def test_gpu_norm_modulate_matches_torch(autocast):
         assert rel(got[k], ref[k].to(got[k].dtype)) < tol, (k, rel(got[k], ref[k]))
 
 
+def run_gated_residual(fn, device, h_dtype, **kwargs):
+    """Output and gradients of fn(x, gate, h) as a Mamba block calls it: fp32 stream x, gate a strided view of
+    the (batch, 3, width) modulation, h in the mixer's dtype; 11 tokens (a partial block), width 40."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 40, generator=gen).to(device).requires_grad_(True)
+    mod = torch.randn(2, 3, 40, generator=gen).to(device).requires_grad_(True)
+    h = torch.randn(2, 11, 40, generator=gen).to(device, h_dtype).requires_grad_(True)
+    out = fn(x, mod.unbind(1)[2], h, **kwargs)
+    out.backward(torch.randn(out.shape, generator=gen).to(device, out.dtype))
+    return {"out": out, "dx": x.grad, "dmod": mod.grad, "dh": h.grad}
+
+
+def test_interpreter_gated_residual_matches_torch(interpreter, monkeypatch):
+    from wdmctl.models import norm_modulate as module
+
+    ref = run_gated_residual(module.reference_gated_residual, "cpu", torch.float32)
+    monkeypatch.setattr(module, "reference_gated_residual", None)  # the fused path must not fall back
+    got = run_gated_residual(module.gated_residual, "cpu", torch.float32, interpret=True)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and rel(got[k], ref[k]) < 1e-6, (k, rel(got[k], ref[k]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gated_residual_matches_torch(h_dtype):
+    # h in bf16 (the mixer's output under autocast) and an fp32 stream: the output stays fp32, dh is bf16
+    from wdmctl.models.norm_modulate import gated_residual, reference_gated_residual
+
+    ref = run_gated_residual(reference_gated_residual, "cuda", h_dtype)
+    got = run_gated_residual(gated_residual, "cuda", h_dtype)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and rel(got[k], ref[k]) < 1e-6, (k, rel(got[k], ref[k]))
+
+
 @pytest.mark.parametrize("width,reverse", [(2, False), (4, True)])
 def test_interpreter_conv_matches_oracle(interpreter, width, reverse):
     conv_parity("cpu", width, reverse, silu=True, layout="model")

@@ -1,4 +1,5 @@
-"""RMSNorm + adaLN modulation in one Triton kernel (forward) and one (backward), for CUDA.
+"""The two ends of a Mamba block's adaLN, fused for CUDA: RMSNorm + modulation in one Triton kernel each
+way (`norm_modulate`), and the gated residual x + gate * h in one each way (`gated_residual`).
 
 Every Mamba block computes h = RMSNorm(x) * (1 + scale[b]) + shift[b] on its fp32 residual stream, and under
 autocast the in_proj then casts h to bf16. In PyTorch that is a chain of elementwise kernels and reductions
@@ -8,9 +9,14 @@ dtype (rounded once, as the cast would). In WDM-B/2's graphed training step (H10
 removed ~180 launches (about 7 per call) and took elementwise work from 19.3 to 15.1 ms and reductions from
 4.1 to 2.8 ms.
 
-`norm_modulate` picks the fused path on CUDA tensors when Triton is installed, and the PyTorch expression
-everywhere else: on CPU, during ONNX export (the exporter traces the plain ops), under torch.compile (which
-fuses them itself), and in Triton's interpreter only when `interpret=True` is asked for (the CPU tests).
+The gated residual adds the mixer's output h (bf16 under autocast) to the fp32 residual stream with a
+per-(batch, channel) gate: PyTorch runs a multiply into an fp32 temporary and an add forward, and two
+multiplies, a reduction and a cast backward. Here one kernel each way; the backward returns the incoming
+gradient itself as the stream's gradient (the identity needs no copy).
+
+Both pick the fused path on CUDA tensors when Triton is installed, and the PyTorch expression everywhere
+else: on CPU, during ONNX export (the exporter traces the plain ops), under torch.compile (which fuses them
+itself), and in Triton's interpreter only when `interpret=True` is asked for (the CPU tests).
 """
 
 from __future__ import annotations
@@ -40,13 +46,19 @@ def reference_norm_modulate(x, norm: nn.RMSNorm, shift, scale):
     return modulate(norm(x), shift, scale)
 
 
+def _use_kernels(x: torch.Tensor, interpret: bool) -> bool:
+    """The fused path: CUDA tensors with Triton (or the interpreter when asked), not in ONNX export or under
+    torch.compile, rows that fit one program."""
+    fused = triton is not None and (x.is_cuda and not INTERPRET or interpret and INTERPRET)
+    return (fused and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
+            and x.shape[-1] <= 8192)
+
+
 def norm_modulate(x: torch.Tensor, norm: nn.RMSNorm, shift: torch.Tensor, scale: torch.Tensor,
                   interpret: bool = False) -> torch.Tensor:
     """modulate(norm(x), shift, scale) for x (batch, tokens, width); fused on CUDA (see the module docstring).
     Returns the autocast dtype under autocast on the fused path (what the next Linear would cast to)."""
-    fused = triton is not None and (x.is_cuda and not INTERPRET or interpret and INTERPRET)
-    if (not fused or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or norm.weight is None or x.shape[-1] > 8192):
+    if not _use_kernels(x, interpret) or norm.weight is None:
         return reference_norm_modulate(x, norm, shift, scale)
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -109,6 +121,55 @@ if triton is not None:
         tl.store(dscalep_ptr + part, dscale, mask=mask)
 
 
+def reference_gated_residual(x, gate, h):
+    """The PyTorch expression of the gated residual: x + gate * h, gate (batch, width) over tokens."""
+    return x + gate[:, None] * h
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, interpret: bool = False) -> torch.Tensor:
+    """x + gate[:, None] * h for x (batch, tokens, width) (the residual stream), gate (batch, width), h like x
+    in any float dtype; returns x's dtype, as the PyTorch expression does. Fused on CUDA (module docstring)."""
+    if not _use_kernels(x, interpret) or h.shape != x.shape:
+        return reference_gated_residual(x, gate, h)
+    with torch.autocast(x.device.type, enabled=False):
+        return _GatedResidual.apply(x, gate, h)
+
+
+if triton is not None:
+    @triton.jit
+    def _gate_fwd_kernel(x_ptr, gate_ptr, h_ptr, out_ptr, L, D, s_xb, s_xl, s_gb, s_hb, s_hl, s_ob, s_ol,
+                         BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        b = tl.program_id(1).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        gate = tl.load(gate_ptr + b * s_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        for r in range(ROWS):
+            t = tl.program_id(0) * ROWS + r
+            if t < L:
+                x = tl.load(x_ptr + b * s_xb + t * s_xl + cols, mask=mask, other=0.0).to(tl.float32)
+                h = tl.load(h_ptr + b * s_hb + t * s_hl + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + b * s_ob + t * s_ol + cols, (x + gate * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gate_bwd_kernel(gate_ptr, h_ptr, dout_ptr, dh_ptr, dgatep_ptr, L, D, s_gb, s_hb, s_hl, s_db, s_dl,
+                         s_dhb, s_dhl, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+        """dh per token; the gate's gradient as per-program partial sums over its tokens, (batch, row blocks, D)."""
+        b = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        gate = tl.load(gate_ptr + b * s_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r in range(ROWS):
+            t = j * ROWS + r
+            if t < L:
+                dout = tl.load(dout_ptr + b * s_db + t * s_dl + cols, mask=mask, other=0.0).to(tl.float32)
+                h = tl.load(h_ptr + b * s_hb + t * s_hl + cols, mask=mask, other=0.0).to(tl.float32)
+                dgate += dout * h
+                tl.store(dh_ptr + b * s_dhb + t * s_dhl + cols, (dout * gate).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dgatep_ptr + (b * tl.num_programs(0) + j) * D + cols, dgate, mask=mask)
+
+
 def _launch_shape(x: torch.Tensor) -> tuple[tuple[int, int], dict]:
     batch, length, width = x.shape
     block = triton.next_power_of_2(width)
@@ -148,3 +209,34 @@ class _NormModulate(torch.autograd.Function):
         dweight = partials[0].sum((0, 1)).to(weight.dtype)
         dshift, dscale = partials[1:].sum(2).unbind(0)
         return dx, dweight, dshift.to(ctx.dtypes[0]), dscale.to(ctx.dtypes[1]), None, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """Autograd wrapper; the forward saves the gate and h."""
+
+    @staticmethod
+    def forward(ctx, x, gate, h):
+        batch, length, width = x.shape
+        x, gate, h = (v if v.stride(-1) == 1 else v.contiguous() for v in (x, gate, h))
+        dtype = torch.promote_types(torch.result_type(x, h), gate.dtype)  # the expression's type promotion
+        out = torch.empty(batch, length, width, device=x.device, dtype=dtype)
+        grid, meta = _launch_shape(x)
+        _gate_fwd_kernel[grid](x, gate, h, out, length, width, x.stride(0), x.stride(1), gate.stride(0),
+                               h.stride(0), h.stride(1), out.stride(0), out.stride(1), **meta)
+        ctx.save_for_backward(gate, h)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, h = ctx.saved_tensors
+        batch, length, width = h.shape
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        grid, meta = _launch_shape(h)
+        dh = torch.empty_like(h)
+        partials = torch.empty(batch, grid[0], width, device=h.device, dtype=torch.float32)
+        _gate_bwd_kernel[grid](gate, h, dout, dh, partials, length, width, gate.stride(0), h.stride(0), h.stride(1),
+                               dout.stride(0), dout.stride(1), dh.stride(0), dh.stride(1), **meta)
+        dx = dout if dout.dtype == ctx.x_dtype else dout.to(ctx.x_dtype)
+        return dx, partials.sum(1).to(gate.dtype), dh

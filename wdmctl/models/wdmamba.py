@@ -36,7 +36,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
-from wdmctl.models.norm_modulate import norm_modulate
+from wdmctl.models.norm_modulate import gated_residual, norm_modulate
 from wdmctl.scan import (
     causal_conv1d,
     causal_conv1d_pair,
@@ -214,7 +214,7 @@ class MambaBlock(nn.Module):
         # column by column when this block's order says so
         column_grid = grid if self.order.startswith("column") else None
         h = self.mixer(h, reverse=self.order.endswith("reverse"), column_grid=column_grid)
-        return x + gate[:, None] * h
+        return gated_residual(x, gate, h)   # x + gate * h, one kernel on CUDA
 
 
 class TransformerBlock(nn.Module):

@@ -704,7 +704,13 @@ def _key(u, delta, B, z, flags):
             None if z is None else z.stride(1) == 1, *sorted(flags.items()))
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=()):
+def _pack(A, B, C):
+    """What every scan kernel reads A, B and C from: A^T (N, D) channel-contiguous (see _CHANNEL_STRIDES) and
+    B_t, C_t packed per step (_pack_bc). Made once per forward and kept for the backward (4 launches)."""
+    return A.transpose(-1, -2).contiguous(), _pack_bc(B, C)
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=(), packed=None):
     """y (see the scan interface). A of shape (2, d, N) makes it a bidirectional pair: u, delta, B, C and y
     have 2 * batch rows, rows batch.. scan the other way with A[1], D[1], delta_bias[1], and z (batch rows)
     gates both."""
@@ -712,8 +718,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, 
     n = A.shape[-1]
     pair = A.dim() == 3
     y = _empty_like_layout(u)
-    At = A.transpose(-1, -2).contiguous()  # (N, D): see _CHANNEL_STRIDES for why the kernels want A channel-contiguous
-    bc = _pack_bc(B, C)
+    At, bc = packed or _pack(A, B, C)
     order, order_flags = _order_args(column_grid, length, pair)
     flags = _flags(D, z, delta_bias, delta_softplus, reverse, n, order_flags)
     zz = z if z is not None else u  # never read when HAS_Z is off; any valid pointer and strides will do
@@ -729,7 +734,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, 
     return y
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=()):
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=(), packed=None):
     """All gradients: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the input was None.
     A pair's rows write their own dz rows, added per direction here (as autograd adds two branches')."""
     batch, d, length = u.shape
@@ -741,8 +746,7 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     flags = _flags(D, z, delta_bias, delta_softplus, reverse, n, order_flags)
     key = _key(u, delta, B, z, flags)
     zz = z if z is not None else u
-    At = A.transpose(-1, -2).contiguous()
-    bc = _pack_bc(B, C)
+    At, bc = packed or _pack(A, B, C)
     chunk = CHUNK  # read at call time, so tests can shrink it to cross chunk boundaries at small L
     nc = triton.cdiv(length, chunk)
     dz = _empty_like_layout(z, batch=batch) if z is not None else None
@@ -798,17 +802,19 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper: the forward keeps only the inputs; the backward recomputes the states."""
+    """Autograd wrapper: the forward keeps the inputs and the packed A^T, B, C (1/24 of u's bytes for WDM-B/2);
+    the backward recomputes the states."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid):
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.flags = (delta_softplus, reverse, column_grid)
-        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
+        ctx.packed = _pack(A, B, C)
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid, ctx.packed)
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _scan_backward(dy, *ctx.saved_tensors, *ctx.flags)
+        grads = _scan_backward(dy, *ctx.saved_tensors, *ctx.flags, packed=ctx.packed)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
