@@ -319,9 +319,9 @@ def check_model_fusions(device, scan, depth, monkeypatch):
     results, launches = {}, []
     scan_forward = ts._scan_forward
 
-    def spy(u, delta, A, *args):  # which forms reach the kernels: (pair, column order read in place)
-        launches.append((A.dim() == 3, bool(args[-1])))
-        return scan_forward(u, delta, A, *args)
+    def spy(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, column_grid=(), packed=None):
+        launches.append((A.dim() == 3, bool(column_grid)))  # which forms reach the kernels: (pair, column order)
+        return scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, column_grid, packed)
 
     monkeypatch.setattr(ts, "_scan_forward", spy)
     for backend in ("triton", "triton-unfused", "torch"):
