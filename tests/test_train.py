@@ -503,6 +503,7 @@ def test_step_profile_groups_kernels_by_category():
 
     assert kernel_category("_scan_bwd2_kernel") == "selective scan"
     assert kernel_category("_causal_conv1d_fwd_kernel") == "causal conv1d"
+    assert kernel_category("_conv_bwd_kernel") == kernel_category("_conv_fwd_kernel") == "causal conv1d"  # ours
     assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul (GEMM)"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"

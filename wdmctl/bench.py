@@ -82,7 +82,7 @@ def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any
 # Kernel-name fragments per category, checked in this order (first match wins).
 KERNEL_CATEGORIES = (
     ("selective scan", ("_scan_", "selective_scan", "_pack_bc")),
-    ("causal conv1d", ("conv1d",)),
+    ("causal conv1d", ("conv1d", "_conv_fwd_kernel", "_conv_bwd_kernel")),   # causal-conv1d's and ours
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul (GEMM)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "splitk")),
     ("optimizer", ("multi_tensor", "adam", "fused_adam")),
