@@ -68,6 +68,11 @@ def norm_modulate(x: torch.Tensor, norm: nn.RMSNorm, shift: torch.Tensor, scale:
 
 if triton is not None:
     @triton.jit
+    def _row(ptr, b, s_b, t, s_l, cols, mask):
+        """Token t of batch row b as fp32 (zeros past the width); t = s_l = 0 for per-row vectors."""
+        return tl.load(ptr + b * s_b + t * s_l + cols, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _fwd_kernel(x_ptr, w_ptr, shift_ptr, scale_ptr, out_ptr, rstd_ptr, L, D, eps,
                     s_xb, s_xl, s_ob, s_ol, s_shb, s_scb, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
         """Program (row block j, batch b): tokens j*ROWS .. +ROWS of batch row b."""
@@ -75,12 +80,12 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        gain = 1.0 + tl.load(scale_ptr + b * s_scb + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + b * s_shb + cols, mask=mask, other=0.0).to(tl.float32)
+        gain = 1.0 + _row(scale_ptr, b, s_scb, 0, 0, cols, mask)
+        shift = _row(shift_ptr, b, s_shb, 0, 0, cols, mask)
         for r in range(ROWS):
             t = tl.program_id(0) * ROWS + r
             if t < L:
-                x = tl.load(x_ptr + b * s_xb + t * s_xl + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _row(x_ptr, b, s_xb, t, s_xl, cols, mask)
                 rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
                 h = x * rstd * w * gain + shift
                 tl.store(out_ptr + b * s_ob + t * s_ol + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
@@ -96,15 +101,15 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        gain = 1.0 + tl.load(scale_ptr + b * s_scb + cols, mask=mask, other=0.0).to(tl.float32)
+        gain = 1.0 + _row(scale_ptr, b, s_scb, 0, 0, cols, mask)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
         dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
         for r in range(ROWS):
             t = j * ROWS + r
             if t < L:
-                x = tl.load(x_ptr + b * s_xb + t * s_xl + cols, mask=mask, other=0.0).to(tl.float32)
-                dh = tl.load(dh_ptr + b * s_gb + t * s_gl + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _row(x_ptr, b, s_xb, t, s_xl, cols, mask)
+                dh = _row(dh_ptr, b, s_gb, t, s_gl, cols, mask)
                 rstd = tl.load(rstd_ptr + b * L + t)
                 xhat = x * rstd
                 normed = xhat * w
@@ -142,12 +147,12 @@ if triton is not None:
         b = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        gate = tl.load(gate_ptr + b * s_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = _row(gate_ptr, b, s_gb, 0, 0, cols, mask)
         for r in range(ROWS):
             t = tl.program_id(0) * ROWS + r
             if t < L:
-                x = tl.load(x_ptr + b * s_xb + t * s_xl + cols, mask=mask, other=0.0).to(tl.float32)
-                h = tl.load(h_ptr + b * s_hb + t * s_hl + cols, mask=mask, other=0.0).to(tl.float32)
+                x = _row(x_ptr, b, s_xb, t, s_xl, cols, mask)
+                h = _row(h_ptr, b, s_hb, t, s_hl, cols, mask)
                 tl.store(out_ptr + b * s_ob + t * s_ol + cols, (x + gate * h).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -158,13 +163,13 @@ if triton is not None:
         j = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        gate = tl.load(gate_ptr + b * s_gb + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = _row(gate_ptr, b, s_gb, 0, 0, cols, mask)
         dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
         for r in range(ROWS):
             t = j * ROWS + r
             if t < L:
-                dout = tl.load(dout_ptr + b * s_db + t * s_dl + cols, mask=mask, other=0.0).to(tl.float32)
-                h = tl.load(h_ptr + b * s_hb + t * s_hl + cols, mask=mask, other=0.0).to(tl.float32)
+                dout = _row(dout_ptr, b, s_db, t, s_dl, cols, mask)
+                h = _row(h_ptr, b, s_hb, t, s_hl, cols, mask)
                 dgate += dout * h
                 tl.store(dh_ptr + b * s_dhb + t * s_dhl + cols, (dout * gate).to(dh_ptr.dtype.element_ty), mask=mask)
         tl.store(dgatep_ptr + (b * tl.num_programs(0) + j) * D + cols, dgate, mask=mask)

@@ -170,21 +170,8 @@ def selective_scan(
     return impl.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **options)
 
 
-def selective_scan_pair(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    reverse: bool = False,
-    column_grid: tuple[int, int, int] | None = None,
-    backend: str = "auto",
-    **options,
-) -> torch.Tensor:
+def selective_scan_pair(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                        column_grid=None, backend="auto", **options) -> torch.Tensor:
     """Both directions of a bidirectional block: u, delta (2 * batch, d, L), B, C (2 * batch, N, L), A (2, d, N),
     D, delta_bias (2, d), z (batch, d, L). Rows :batch scan as `reverse` says with A[0], D[0], delta_bias[0];
     rows batch: scan the other way with the second set. Returns (2 * batch, d, L)."""
@@ -229,15 +216,8 @@ def causal_conv1d(
     return impl.causal_conv1d(x, weight, bias, activation, reverse)
 
 
-def causal_conv1d_pair(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    reverse: bool = False,
-    column_grid: tuple[int, int, int] | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def causal_conv1d_pair(x, weight, bias=None, activation=None, reverse=False, column_grid=None,
+                       backend="auto") -> torch.Tensor:
     """Both directions' convs of one input: x (batch, d, L), weight (2, d, width), bias (2, d). Returns
     (2 * batch, d, L): rows :batch convolve as `reverse` says with weight[0], rows batch: the other way."""
     _check_activation(activation)
