@@ -368,6 +368,29 @@ def test_interpreter_compiled_mixer_matches_eager(interpreter, small_chunks):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)   # the same kernels, bit for bit
 
 
+def test_interpreter_compiled_bidirectional_mixer_matches_eager(interpreter, small_chunks, monkeypatch):
+    # model.compile() on the fused forms: a bidirectional mixer in column order runs the pair custom ops
+    # (fake shapes with 2 x batch rows), traced without graph breaks, bit for bit as eager
+    from wdmctl.models.wdmamba import MambaMixer
+    from wdmctl.scan import BACKENDS
+
+    monkeypatch.setattr(BACKENDS["triton"], "is_available", lambda: True)
+    monkeypatch.setattr(BACKENDS["triton"], "devices", ("cpu",))
+    torch.manual_seed(0)
+    mixer = MambaMixer(16, d_state=4, expand=1, bidirectional=True)
+    mixer.scan_options = {"backend": "triton"}
+    x = torch.randn(2, 14, 16)
+    results = []
+    for fn in (mixer, torch.compile(mixer, backend="aot_eager", fullgraph=True)):
+        mixer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi, reverse=True, column_grid=(2, 3, 4))
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append([out.detach(), xi.grad, *(p.grad.clone() for p in mixer.parameters())])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def conv_parity(device, width, reverse, silu, layout, dtype=torch.float32, length=11, d=6, batch=2,
                 column_grid=None, pair=False):
     """Triton conv output and gradients vs the fp64 oracle; asserts within 1e-5 (fp32)."""
