@@ -224,3 +224,18 @@ def test_bench_sample_times_each_backend_and_the_same_size_uvit_once(tmp_path):
     assert rows == [("WDM-S/2", "torch", 1.0), ("WDM-S/2", "torch", 2.0), ("UViT-S/2", None, 1.0), ("UViT-S/2", None, 2.0)]
     assert all(row["images_per_second"] > 0 and row["steps"] == 1 and row["resolution"] == 8 for row in data["results"])
     assert data["skipped_backends"] == ["mamba_ssm"]
+
+
+def test_bench_scan_mode_applies_to_the_mamba_presets_only(tmp_path):
+    # --scan bidirectional builds the WD-Mamba preset with two branches per block and says so in each row;
+    # the U-ViT has no scan; a wrong mode is refused before anything runs
+    out = tmp_path / "sample.json"
+    r = runner.invoke(app, ["bench", "sample", "--presets", "WDM-S/2", "--backends", "torch", "--scan", "bidirectional",
+                            "--batch", "1", "--resolution", "8", "--steps", "1", "--cfgs", "1.0", "--precisions", "fp32",
+                            "--iters", "1", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert [(row["preset"], row["scan"]) for row in json.loads(out.read_text())["results"]] == [
+        ("WDM-S/2", "bidirectional"), ("UViT-S/2", None)]
+    for command in ("sample", "train"):
+        r = runner.invoke(app, ["bench", command, "--presets", "WDM-S/2", "--backends", "torch", "--scan", "both"])
+        assert r.exit_code != 0 and "--scan must be one of cycle, bidirectional, not 'both'" in str(r.exception)
