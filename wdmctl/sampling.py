@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from wdmctl.cuda_graphs import capture, run_on_side_stream
 from wdmctl.diffusion import SOLVERS, default_clip_x0, default_solver, make_sampler
 from wdmctl.errors import WdmError, first_line
 
@@ -181,15 +182,8 @@ class CudaGraphDenoiser:
 
     def _capture(self, x, t, y):
         buffers = [v.clone() if v is not None else None for v in (x, t, y)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # first calls off the graph: Triton autotuning, lazy allocations
-            for _ in range(self.warmup):
-                self.denoise(*buffers)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.denoise(*buffers)
+        run_on_side_stream(lambda: self.denoise(*buffers), times=self.warmup)
+        graph, out = capture(lambda: self.denoise(*buffers))
         return graph, buffers, out
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from wdmctl import config as cfg
+from wdmctl.cuda_graphs import capture, run_on_side_stream
 from wdmctl.errors import WdmError
 from wdmctl.pipeline import save_pipeline, write_json_atomic
 from wdmctl.runs import (RunLock, checkpoint_dir, create_run_dir, latest_checkpoint, list_checkpoints, newest_run,
@@ -791,7 +792,7 @@ class _GraphedStep:
             eager_step_before_capture(self._update, self.optimizer)
             self.eager_steps += 1
         else:
-            self.graph = capture_step(self._update)   # records this step without running it
+            self.graph = capture(self._update)[0]   # records this step without running it
             self.graph.replay()
         return float(self.loss), float(self.grad_norm)
 
@@ -1057,24 +1058,14 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
 
 
 def eager_step_before_capture(update: Callable[[], None], optimizer: torch.optim.Optimizer) -> None:
-    """One eager `update` (forward, backward, clipping, optimizer.step; no zero_grad) on a side stream, as
-    warm-up before a capture must run (lazy state, cuBLAS workspaces, Triton autotuning: nothing may be created
-    or tuned during capture). Gradients are freed after it, so a captured backward writes them afresh instead
-    of accumulating, and every replay starts from the same buffers."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    """One eager `update` (forward, backward, clipping, optimizer.step; no zero_grad) as warm-up before a
+    capture (`wdmctl.cuda_graphs.run_on_side_stream`). Gradients are freed after it, so a captured backward
+    writes them afresh instead of accumulating, and every replay starts from the same buffers."""
+    def step() -> None:
         update()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(stream)
 
-
-def capture_step(update: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """Record `update` as one CUDA graph (capture runs nothing); after `eager_step_before_capture`."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        update()
-    return graph
+    run_on_side_stream(step)
 
 
 def capture_train_step(update: Callable[[], None], optimizer: torch.optim.Optimizer, warmup: int = 3) -> Callable[[], None]:
@@ -1082,4 +1073,4 @@ def capture_train_step(update: Callable[[], None], optimizer: torch.optim.Optimi
     optimizer must be `capturable`, the inputs static."""
     for _ in range(warmup):
         eager_step_before_capture(update, optimizer)
-    return capture_step(update).replay
+    return capture(update)[0].replay
