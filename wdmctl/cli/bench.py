@@ -25,19 +25,23 @@ def scan_overrides(scan: str | None, runs: list[tuple[str, str]]) -> dict[str, d
     """Model overrides per preset for --scan (checked here, before any run): none for the presets' own mode
     or a U-ViT, else {"scan": mode}."""
     from wdmctl.errors import WdmError
-    from wdmctl.models.presets import PRESETS
     from wdmctl.models.wdmamba import SCAN_MODES
 
     if scan is not None and scan not in SCAN_MODES:
         raise WdmError(f"--scan must be one of {', '.join(SCAN_MODES)}, not {scan!r}")
-    return {name: {"scan": scan} if scan and PRESETS.get(name, {}).get("arch") != "uvit" else {}
-            for name, _ in runs}
+    return {name: {"scan": scan} if scan and not _is_uvit(name) else {} for name, _ in runs}
+
+
+def _is_uvit(name: str) -> bool:
+    from wdmctl.models.presets import PRESETS
+
+    return PRESETS.get(name, {}).get("arch") == "uvit"
 
 
 def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], attention: str | None):
     """(preset, scan backend) pairs to time: each preset with every wanted backend that is available, and its
     same-size U-ViT once (it has no scan: `attention` stands in for the backend)."""
-    from wdmctl.models.presets import PRESETS, SAME_SIZE_UVIT
+    from wdmctl.models.presets import SAME_SIZE_UVIT
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
     if uvit:
@@ -45,6 +49,6 @@ def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], atte
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     runs = []
     for name in names:
-        scans = [b for b in wanted if b in usable] if PRESETS.get(name, {}).get("arch") != "uvit" else [attention]
+        scans = [attention] if _is_uvit(name) else [b for b in wanted if b in usable]
         runs += [(name, backend) for backend in scans]
     return runs, [b for b in wanted if b not in usable]
