@@ -854,8 +854,7 @@ class _Loop:
                     group["lr"] = self._learning_rate(step)
                 self.optimizer.step()
                 if not (self.fp16 and acc.optimizer_step_was_skipped):
-                    self.ema.update(self.net)
-                    p.images_seen += t.batch_size
+                    self._applied()
                 p.nonfinite_in_a_row = 0
             else:
                 self._skipped(step, loss_value, grad_norm)
@@ -872,12 +871,16 @@ class _Loop:
         loss_value, grad_norm = self.graphed.step(x, y, seed, self._learning_rate(step))
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            self.ema.update(self.net)
-            p.images_seen += t.batch_size
+            self._applied()
             p.nonfinite_in_a_row = 0
         else:
             self._skipped(step, loss_value, grad_norm)
         self._end_step(step, interval, finite, loss_value, grad_norm, bool(stop.stop))
+
+    def _applied(self) -> None:
+        """An optimizer step changed the weights: the EMA follows them and the batch counts as seen."""
+        self.ema.update(self.net)
+        self.progress.images_seen += self.recipe.train.batch_size
 
     def _skipped(self, step: int, loss_value: float, grad_norm: float) -> None:
         p = self.progress
