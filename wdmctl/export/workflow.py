@@ -41,8 +41,9 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> tuple[
 
     req.settings.check()
     if req.trt:
-        from wdmctl.export.tensorrt_build import build_engine, require_tensorrt
+        from wdmctl.export.tensorrt_build import build_engine, require_standard_ops_graph, require_tensorrt
 
+        require_standard_ops_graph({"settings": {"scan_form": req.settings.scan_form}})
         require_tensorrt()
         if not torch.cuda.is_available():
             raise WdmError("--trt builds an engine for the GPU it runs on, and no CUDA GPU is visible")
