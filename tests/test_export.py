@@ -60,11 +60,12 @@ def rel_l2(actual, expected) -> float:
 
 
 def auto_choice() -> str:
-    """What --linear-attention auto picks with the installed onnxruntime here (1.32.0 CPU: standard)."""
-    from wdmctl.export.linear_attention import runtime_runs
+    """What --linear-attention auto picks with the installed onnxruntime here (1.32.0 CPU: contrib, which it
+    runs as a kernel, where it expands the standard op into a Scan loop)."""
+    from wdmctl.export.linear_attention import resolve_choice
     from wdmctl.export.runtime import default_provider
 
-    return "standard" if runtime_runs("standard", default_provider()) else "contrib"
+    return resolve_choice("auto", default_provider(), None)
 
 
 def inputs(batch: int, conditional: bool, seed: int = 1):
@@ -130,9 +131,9 @@ def unconditional_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
-    """fp16 with a dynamic batch (1..4), the scan as the com.microsoft LinearAttention."""
+    """fp16 with a dynamic batch (1..4), the scan as ONNX's standard LinearAttention (opset 27)."""
     out = tmp_path_factory.mktemp("fp16")
-    settings = ExportSettings(batch_size=2, dtype="fp16", linear_attention="contrib", dynamic_batch=True)
+    settings = ExportSettings(batch_size=2, dtype="fp16", linear_attention="standard", dynamic_batch=True)
     export_onnx(tiny_model(NUM_CLASSES), out, settings, {"weights_sha256": "fp16", "ema": True}, log=QUIET)
     return out
 
@@ -151,11 +152,12 @@ def fp16_unrolled_export(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------
 
 # fixture -> (opset imports, ops outside the standard domain)
+STANDARD_OP, CONTRIB_OP = ({"": 27}, set()), ({"": 20, "com.microsoft": 1}, {"com.microsoft.LinearAttention"})
 EXPECTED_GRAPHS = {
-    "conditional_export": "linear-attention (auto)",
+    "conditional_export": None,  # --linear-attention auto: what auto_choice() says
     "unrolled_export": ({"": 20}, set()),
     "unconditional_export": ({"": 20}, set()),
-    "fp16_export": ({"": 20, "com.microsoft": 1}, {"com.microsoft.LinearAttention"}),
+    "fp16_export": STANDARD_OP,
     "fp16_unrolled_export": ({"": 20}, set()),
 }
 
@@ -164,14 +166,41 @@ EXPECTED_GRAPHS = {
 def test_graphs_pass_the_checker_with_only_the_expected_ops(which, request):
     folder = request.getfixturevalue(which)
     onnx.checker.check_model(str(folder / ONNX_FILE), full_check=True)
-    expected = EXPECTED_GRAPHS[which]
-    if which == "conditional_export":
-        expected = ({"": 27}, set()) if auto_choice() == "standard" else EXPECTED_GRAPHS["fp16_export"]
+    expected = EXPECTED_GRAPHS[which] or (STANDARD_OP if auto_choice() == "standard" else CONTRIB_OP)
     graph = load_graph(folder)
     assert {o.domain: o.version for o in graph.opset_import} == expected[0]
     assert {f"{n.domain}.{n.op_type}" for n in graph.graph.node if n.domain not in ("", "ai.onnx")} == expected[1]
     assert not graph_ops(graph) & {"Loop", "Scan", "If", "SequenceMap"}
     assert not graph.functions
+
+
+@pytest.mark.parametrize("standard, contrib, opset, expected", [
+    ("kernel", "kernel", None, "standard"),     # a runtime with a standard kernel: the standard op
+    ("function", "kernel", None, "contrib"),    # onnxruntime 1.32 CPU: the contrib kernel, not a Scan loop
+    ("function", None, None, "standard"),       # only the expanded standard op: still runs
+    (None, "kernel", None, "contrib"),          # onnxruntime-gpu 1.31.1 on CUDA
+    ("kernel", "kernel", 20, "contrib"),        # --opset 20 rules the standard op out
+    (None, None, None, "runs neither the standard nor the com.microsoft LinearAttention"),
+])
+def test_linear_attention_auto_choice(standard, contrib, opset, expected, monkeypatch):
+    from wdmctl.export import linear_attention
+
+    support = {"standard": standard, "contrib": contrib}
+    monkeypatch.setattr(linear_attention, "runtime_support", lambda choice, provider: support[choice])
+    if expected in ("standard", "contrib"):
+        assert linear_attention.resolve_choice("auto", "CPUExecutionProvider", opset) == expected
+    else:
+        with pytest.raises(WdmError, match=expected):
+            linear_attention.resolve_choice("auto", "CPUExecutionProvider", opset)
+
+
+def test_linear_attention_probe_on_the_installed_runtime():
+    """The one-node probe really runs: onnxruntime 1.32.0's CPU provider has a contrib kernel and runs the
+    standard op through its function body."""
+    from wdmctl.export.linear_attention import runtime_support
+
+    assert runtime_support("contrib", "CPUExecutionProvider") == "kernel"
+    assert runtime_support("standard", "CPUExecutionProvider") in ("kernel", "function")
 
 
 def test_scan_forms_in_the_graph(conditional_export, unrolled_export, unconditional_export):

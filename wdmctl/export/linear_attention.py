@@ -18,8 +18,11 @@ the model can ask for exports through the same code.
 Two spellings of the op exist, with the same inputs, attributes and semantics:
   "standard"  ONNX's LinearAttention (opset 27); the whole graph is then at opset 27
   "contrib"   onnxruntime's com.microsoft.LinearAttention (domain version 1); the graph keeps opset 20
-"auto" takes the standard op where the installed onnxruntime runs it on the provider that will run the
-graph, else the contrib op (onnxruntime-gpu 1.31.1 has only the contrib op on CUDA).
+"auto" takes the standard op where the installed onnxruntime runs it as one kernel on the provider that will
+run the graph, else the contrib op where it does, else the standard op as onnxruntime runs it. onnxruntime
+1.32.0 (CPU) loads the standard op only by expanding its ONNX function body into a Scan loop (~2x slower
+than the contrib kernel there, and control flow rules out CUDA graphs), and runs the contrib op as a
+kernel; onnxruntime-gpu 1.31.1 has only the contrib op on CUDA.
 
 During tracing, the op is the custom torch op `wdmctl::gated_linear_attention`. The exporter translates it
 to a LinearAttention node in a placeholder domain (no converter can move a node of opset 27 through a
@@ -169,10 +172,16 @@ def _probe_model(domain: str, version: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
-def runtime_runs(choice: str, provider: str) -> bool:
-    """Whether the installed onnxruntime runs this spelling of the op on `provider` (without falling back to
-    the CPU provider), judged by loading and running a one-node graph."""
+def runtime_support(choice: str, provider: str) -> str | None:
+    """How the installed onnxruntime runs this spelling of the op on `provider`, judged by loading and running
+    a one-node graph (without falling back to the CPU provider) and reading back the graph it optimised:
+    "kernel" (the node stays one node), "function" (ORT expanded the op's ONNX function body, a Scan loop),
+    or None (it cannot run it, or got it wrong)."""
+    import tempfile
+    from pathlib import Path
+
     import numpy as np
+    import onnx
 
     from wdmctl.export.runtime import import_onnxruntime
 
@@ -183,24 +192,31 @@ def runtime_runs(choice: str, provider: str) -> bool:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     feeds = {"q": np.ones((1, 2, 2), np.float32), "k": np.ones((1, 2, 2), np.float32),
              "v": np.ones((1, 2, 1), np.float32), "g": np.zeros((1, 2, 2), np.float32)}
-    try:
-        session = ort.InferenceSession(_probe_model(*OPS[choice]), options, providers=[provider])
-        out = session.run(None, feeds)[0]
-    except Exception:  # ORT raises its own types for unknown ops and missing kernels
-        return False
-    return bool(np.allclose(out.ravel(), [2.0, 4.0]))  # q.S: 2 then 2 + 2 (decay exp(0) = 1)
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        try:
+            session = ort.InferenceSession(_probe_model(*OPS[choice]), options, providers=[provider])
+            out = session.run(None, feeds)[0]
+            nodes = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+        except Exception:  # ORT raises its own types for unknown ops and missing kernels
+            return None
+    if not np.allclose(out.ravel(), [2.0, 4.0]):  # q.S: 2, then 2 + 2 (decay exp(0) = 1)
+        return None
+    return "kernel" if nodes == [OP_TYPE] else "function"
 
 
 def resolve_choice(choice: str, provider: str, opset: int | None) -> str:
-    """"standard" or "contrib" for --linear-attention `choice`, for graphs run on `provider`."""
+    """"standard" or "contrib" for --linear-attention `choice`, for graphs run on `provider` (the order in
+    the module docstring)."""
     if choice not in CHOICES:
         raise WdmError(f"--linear-attention must be one of {', '.join(CHOICES)}, not {choice!r}")
     if choice != "auto":
         return choice
-    standard_fits = opset is None or opset >= OPS["standard"][1]
-    if standard_fits and runtime_runs("standard", provider):
+    standard = runtime_support("standard", provider) if opset is None or opset >= OPS["standard"][1] else None
+    contrib = runtime_support("contrib", provider)
+    if standard == "kernel" or (standard and contrib != "kernel"):
         return "standard"
-    if runtime_runs("contrib", provider):
+    if contrib:
         return "contrib"
     from wdmctl.export.manifest import onnxruntime_version
 
