@@ -42,9 +42,9 @@ def export(
     """Export the denoiser to ONNX and/or build a TensorRT engine.
 
     Never run (no GPU, and TensorRT cannot be installed where this was written): the TensorRT engine build
-    and runtime (--trt, --backend trt), and ONNX Runtime's CUDA provider with I/O binding and CUDA graphs
-    for the linear-attention form. The ONNX export, its verification and sampling run on ONNX Runtime's CPU
-    provider in the tests."""
+    and runtime (--trt, --backend trt); on ONNX Runtime's CUDA provider, its CUDA graphs and the
+    LinearAttention op (I/O binding ran on an H200 with the earlier unrolled graph). The ONNX export, its
+    verification and sampling run on ONNX Runtime's CPU provider in the tests."""
     from rich.console import Console
 
     from wdmctl.export.onnx_export import ExportSettings
