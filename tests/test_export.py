@@ -270,9 +270,11 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     assert m["onnx"]["node_count"] == len(graph.graph.node) == sum(m["onnx"]["op_histogram"].values())
     assert m["onnx"]["export_seconds"] > 0
     assert m["settings"] == {"batch_size": 2, "resolution": 8, "dtype": "fp32", "scan_form": "linear-attention",
-                             "linear_attention": choice, "chunk_size": 1, "opset": opset, "dynamic_batch": False}
+                             "linear_attention": choice, "chunk_size": 1, "scan_dtype": "fp32", "opset": opset,
+                             "dynamic_batch": False}
     assert m["scan"]["form"] == "linear-attention"
     assert m["scan"]["linear_attention"]["nodes"] == 6 and m["scan"]["linear_attention"]["update_rule"] == "gated"
+    assert m["scan"]["linear_attention"]["dtype"] == "fp32"
     assert m["runtime"]["onnxruntime"]["cuda_graph"] is True
     assert m["runtime"]["onnxruntime"]["cuda_provider_options"]["enable_cuda_graph"] == "1"
     assert (m["conditional"], m["num_classes"], m["null_class"], m["batch_range"]) == (True, 10, 10, [4, 4])
@@ -365,6 +367,18 @@ def test_fp16_parity_on_the_cpu_provider(which, form, batch, request):
     x, t, y = inputs(batch, conditional=True)
     expected = torch_eps(tiny_model(NUM_CLASSES), form, x, t, y, chunk_size=32)
     assert rel_l2(denoise(x, t, y), expected) < TOLERANCES["fp16"].rel_l2
+
+
+def test_scan_dtype_puts_linear_attention_in_the_graph_dtype(tmp_path):
+    """--scan-dtype fp16: the LinearAttention inputs are fp16 (half the traffic), still within the fp16
+    tolerance on the CPU provider (measured rel-L2 5.2e-4, as with the fp32 island)."""
+    settings = ExportSettings(batch_size=2, dtype="fp16", linear_attention="contrib", scan_dtype="fp16")
+    m = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, log=QUIET)
+    assert m["scan"]["linear_attention"]["dtype"] == "fp16" and m["verification"]["passed"]
+    graph = onnx.shape_inference.infer_shapes(load_graph(tmp_path))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.graph.value_info, *graph.graph.input]}
+    scans = [n for n in graph.graph.node if n.op_type == "LinearAttention"]
+    assert len(scans) == 6 and {types[name] for n in scans for name in n.input if name} == {onnx.TensorProto.FLOAT16}
 
 
 def _flip_direction(order: str) -> str:
@@ -583,6 +597,8 @@ def one_line_error(args: list[str], capsys) -> str:
     (["--linear-attention", "fused"], "--linear-attention must be one of auto, standard, contrib"),
     (["--linear-attention", "standard", "--opset", "20"], "the standard LinearAttention needs --opset 27"),
     (["--trt", "--scan-form", "linear-attention"], "TensorRT cannot build from the linear-attention graph"),
+    (["--scan-dtype", "fp16"], "--scan-dtype must be fp32 or the graph's --dtype fp32, not 'fp16'"),
+    (["--dtype", "fp16", "--scan-dtype", "fp16", "--scan-form", "unrolled"], "is for --scan-form linear-attention"),
     (["--dtype", "int8"], "--dtype must be one of fp32, fp16, bf16"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--resolution", "7"], "--resolution 7 is not a multiple of the patch size 2"),
@@ -728,7 +744,8 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
     shutil.copytree(unrolled_export, root / "unrolled-b2-fp32")
     before = {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()}
     bench = DenoiserBench(dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1,
-                          backends=["eager", "eager-cuda-graph", "ort-linear-attention", "ort-unrolled", "tensorrt"])
+                          backends=["eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
+                                    "ort-unrolled", "tensorrt"])
     result = bench_model("tiny", pipe.model, source_identity(saved_conditional, True, pipe.meta), bench,
                          torch.device("cpu"), root, batch_size=2)
     assert {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()} == before
@@ -742,6 +759,8 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
         assert result["backends"][backend]["rel_l2_vs_eager"] < 1e-5 and result["backends"][backend]["vs_eager"] > 0
         assert result["backends"][backend]["what"] == "ONNX Runtime CPU EP"
     assert "CUDA" in result["backends"]["eager-cuda-graph"]["skipped"]
+    assert "same graph as linear-attention" in result["onnx"]["linear-attention-dtype-scan"]["error"]
+    assert "no linear-attention-dtype-scan export" in result["backends"]["ort-linear-attention-dtype-scan"]["skipped"]
     if not _has_tensorrt():
         assert "pip install" in result["backends"]["tensorrt"]["skipped"]
     json.dumps(result)

@@ -32,6 +32,7 @@ def export(
     scan_form: Optional[str] = typer.Option(None, help=SCAN_FORM_HELP),
     linear_attention: str = typer.Option("auto", help=LINEAR_ATTENTION_HELP),
     chunk_size: int = typer.Option(16, help="Tokens per chunk of --scan-form unrolled."),
+    scan_dtype: str = typer.Option("fp32", help="fp32, or the --dtype: the precision of LinearAttention's inputs (the scan's fp32 island, or half the memory traffic)."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset: 18 or newer (bf16: 22 or newer; the standard LinearAttention: 27 or newer). Default: 27 with the standard LinearAttention, else 20."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Accept any batch from 1 up to the graph's batch."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare ONNX Runtime with PyTorch after exporting; fail above the tolerance."),
@@ -54,8 +55,8 @@ def export(
     # TensorRT has no LinearAttention: --trt builds from (and by default exports) the unrolled form
     scan_form = scan_form or ("unrolled" if trt else "linear-attention")
     settings = ExportSettings(batch_size=batch_size, resolution=resolution, dtype=dtype, scan_form=scan_form,
-                              linear_attention=linear_attention, chunk_size=chunk_size, opset=opset,
-                              dynamic_batch=dynamic_batch)
+                              linear_attention=linear_attention, chunk_size=chunk_size, scan_dtype=scan_dtype,
+                              opset=opset, dynamic_batch=dynamic_batch)
     out_dir, manifest = run_export(ExportRequest(run=run, model=model, checkpoint=checkpoint, out=out, onnx=onnx, trt=trt,
                                         settings=settings, verify=verify, overwrite=overwrite, ema=not no_ema,
                                         optimization_level=optimization_level),

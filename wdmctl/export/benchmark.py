@@ -7,6 +7,7 @@ Backends (each skipped with its reason when it cannot run here):
   eager-torch-scan       the unrolled form's computation in eager PyTorch (torch scan, weights in the dtype)
   compile                torch.compile of that same computation
   ort-linear-attention   the linear-attention export on ONNX Runtime (CUDA EP: I/O binding and CUDA graphs)
+  ort-linear-attention-dtype-scan  the same with LinearAttention's inputs in the dtype (--scan-dtype)
   ort-unrolled           the unrolled export on ONNX Runtime (the same runtime)
   tensorrt               a TensorRT engine built from the unrolled export, replayed as a CUDA graph
 
@@ -36,10 +37,18 @@ from wdmctl.errors import WdmError, first_line
 from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, prepare_for_export,
                                        source_identity)
 
-# backend -> the export form it runs (None: PyTorch on the model itself)
+# export -> its ExportSettings beyond the bench's own (dtype, batch, chunk size, LinearAttention choice);
+# scan_dtype None: the bench's dtype
+EXPORTS = {"linear-attention": {"scan_form": "linear-attention"},
+           "linear-attention-dtype-scan": {"scan_form": "linear-attention", "scan_dtype": None},
+           "unrolled": {"scan_form": "unrolled"}}
+# backend -> the export it runs (None: PyTorch on the model itself)
 BENCH_BACKENDS = {"eager": None, "eager-cuda-graph": None, "eager-torch-scan": None, "compile": None,
-                  "ort-linear-attention": "linear-attention", "ort-unrolled": "unrolled", "tensorrt": "unrolled"}
-DEFAULT_BACKENDS = ("eager", "eager-cuda-graph", "ort-linear-attention", "ort-unrolled", "tensorrt")
+                  "ort-linear-attention": "linear-attention",
+                  "ort-linear-attention-dtype-scan": "linear-attention-dtype-scan",
+                  "ort-unrolled": "unrolled", "tensorrt": "unrolled"}
+DEFAULT_BACKENDS = ("eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
+                    "ort-unrolled", "tensorrt")
 BASELINE = "eager"
 GUIDANCE = 1.5
 
@@ -184,15 +193,18 @@ def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, 
     return result, out.float().cpu()
 
 
-def _ensure_exports(model, source: dict[str, Any], bench: DenoiserBench, settings: dict[str, ExportSettings],
+def _ensure_exports(model, source: dict[str, Any], settings: dict[str, ExportSettings | None],
                     export_dirs: dict[str, Path], device: torch.device) -> dict[str, Any]:
-    """Export (or reuse) every form the asked-for backends run; node count, export time and verification
-    (or the one-line error) per form."""
+    """Export (or reuse) every export the asked-for backends run; node count, export time and verification
+    (or the one-line error) per export."""
     # ONNX Runtime verifies on CUDA only with onnxruntime-gpu; on its CPU provider a B/2-size graph takes
     # hours, so a GPU host without it benchmarks the (then unverified) graphs on TensorRT alone
     verify = device.type == "cpu" or _ort_has_cuda()
     exports: dict[str, Any] = {}
     for form in settings:
+        if settings[form] is None:
+            exports[form] = {"error": "the same graph as linear-attention at --dtype fp32"}
+            continue
         try:
             manifest = ensure_onnx(model, export_dirs[form], settings[form], source, verify=verify, overwrite=True,
                                    log=lambda line: None)
@@ -206,6 +218,16 @@ def _ensure_exports(model, source: dict[str, Any], bench: DenoiserBench, setting
     return exports
 
 
+def _export_settings(config, base: ExportSettings, export: str, bench: DenoiserBench) -> ExportSettings | None:
+    """The settings of one of EXPORTS (None where it would repeat another)."""
+    fields = dict(EXPORTS[export])
+    if "scan_dtype" in fields:
+        if bench.dtype == "fp32":
+            return None
+        fields["scan_dtype"] = bench.dtype
+    return replace(base, linear_attention=bench.linear_attention, **fields).resolved(config)
+
+
 def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench, device: torch.device,
                 export_root: Path, batch_size: int) -> dict[str, Any]:
     """Every asked-for backend on one model at one batch size."""
@@ -215,8 +237,7 @@ def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench,
     base = ExportSettings(batch_size=batch_size, resolution=bench.resolution, dtype=bench.dtype,
                           scan_form="unrolled", chunk_size=bench.chunk_size)
     forms = sorted({BENCH_BACKENDS[b] for b in bench.backends} - {None})
-    settings = {form: replace(base, scan_form=form, linear_attention=bench.linear_attention).resolved(config)
-                for form in forms}
+    settings = {form: _export_settings(config, base, form, bench) for form in forms}
     base = base.resolved(config)
     export_dirs = {form: export_root / f"{form}-b{batch_size}-{bench.dtype}" for form in forms}
     batch = base.graph_batch(config.num_classes > 0)
@@ -224,7 +245,7 @@ def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench,
     entry: dict[str, Any] = {"model": label, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                              "batch_size": batch_size, "graph_batch": batch,
                              "input": [config.in_channels, base.resolution, base.resolution],
-                             "onnx": _ensure_exports(model, source, bench, settings, export_dirs, device),
+                             "onnx": _ensure_exports(model, source, settings, export_dirs, device),
                              "backends": {}}
     baseline = None
     for backend in bench.backends:

@@ -73,6 +73,7 @@ class ExportSettings:
     scan_form: str = "linear-attention"
     linear_attention: str | None = "auto"  # auto | standard | contrib; resolved: standard | contrib (None: other forms)
     chunk_size: int = DEFAULT_CHUNK_SIZE   # tokens per chunk of the unrolled form
+    scan_dtype: str = "fp32"               # LinearAttention's inputs: fp32 (an fp32 island) or --dtype
     opset: int | None = None               # None: 27 with the standard LinearAttention, else 20
     dynamic_batch: bool = False
 
@@ -92,6 +93,11 @@ class ExportSettings:
             raise WdmError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.chunk_size < 1:
             raise WdmError(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        if self.scan_dtype not in ("fp32", self.dtype):
+            raise WdmError(f"--scan-dtype must be fp32 or the graph's --dtype {self.dtype}, not {self.scan_dtype!r}")
+        if self.scan_dtype != "fp32" and self.scan_form != "linear-attention":
+            raise WdmError(f"--scan-dtype {self.scan_dtype} is for --scan-form linear-attention; the "
+                           f"{self.scan_form} scan computes in fp32")
 
     def resolved(self, config) -> "ExportSettings":
         """Checked against the model's config, with the resolution, the LinearAttention spelling (from what the
@@ -141,9 +147,11 @@ class DenoiserForExport(nn.Module):
         return self.model(x.to(self.dtype), timesteps, class_labels).float()
 
 
-def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size: int) -> DenoiserForExport:
+def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size: int,
+                       scan_dtype: str = "fp32") -> DenoiserForExport:
     """A copy of `model` on the scan backend of `scan_form`, cast to `dtype` with the scan's parameters in
-    fp32. One-line error when the model has no exportable scan path."""
+    fp32 (and LinearAttention's inputs in `scan_dtype`). One-line error when the model has no exportable
+    scan path."""
     import wdmctl.export.linear_attention  # noqa: F401  (registers the linear-attention scan backend)
     from wdmctl.models.wdmamba import SSMBranch
     from wdmctl.scan import resolve_backend
@@ -154,7 +162,10 @@ def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size:
     if not backend.exportable:
         raise WdmError(f"the {scan_form} scan ({backend.name!r} backend) is not exportable; no exportable scan path")
     twin = copy.deepcopy(model).eval().requires_grad_(False)
-    twin.set_scan_backend(backend.name, **({"chunk_size": chunk_size} if scan_form == "unrolled" else {}))
+    options = {"chunk_size": chunk_size} if scan_form == "unrolled" else {}
+    if scan_form == "linear-attention":
+        options["scan_dtype"] = DTYPES[scan_dtype]
+    twin.set_scan_backend(backend.name, **options)
     target = DTYPES[dtype]
     # set .data rather than calling .to(): diffusers' ModelMixin.to warns about fp32-kept modules on every cast
     for tensor in [*twin.parameters(), *twin.buffers()]:
@@ -412,7 +423,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
     tolerances = tolerances or TOLERANCES[settings.dtype]
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-", suffix=".partial"))
     try:
-        module = prepare_for_export(model, settings.dtype, settings.scan_form, settings.chunk_size)
+        module = prepare_for_export(model, settings.dtype, settings.scan_form, settings.chunk_size,
+                                    settings.scan_dtype)
         log(f"exporting {type(model).__name__} ({describe_scan(settings)}, {settings.dtype}, batch {batch}, "
             f"{config.in_channels}x{settings.resolution}x{settings.resolution}, opset {settings.opset})")
         started = time.perf_counter()
@@ -469,7 +481,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
 
 def describe_scan(settings: ExportSettings) -> str:
     if settings.scan_form == "linear-attention":
-        return f"scan as {settings.linear_attention} LinearAttention"
+        return f"scan as {settings.linear_attention} LinearAttention in {settings.scan_dtype}"
     if settings.scan_form == "unrolled":
         return f"unrolled scan, chunks of {settings.chunk_size}"
     return "sequential scan"
@@ -489,7 +501,7 @@ def _place_scan_ops(graph, settings: ExportSettings) -> dict[str, Any]:
         raise WdmError(f"the graph has no {OP_TYPE} node: the model did not scan through wdmctl.scan's interface")
     domain, version = OPS[settings.linear_attention]
     entry["linear_attention"] = {"op": settings.linear_attention, "domain": domain or "ai.onnx",
-                                 "version": version, "nodes": nodes, **ATTRIBUTES,
+                                 "version": version, "nodes": nodes, "dtype": settings.scan_dtype, **ATTRIBUTES,
                                  "mapping": "heads = d_inner, d_k = N, d_v = 1; query = C, key = B (per channel), "
                                             "value = delta * u, decay = delta * A"}
     return entry

@@ -22,6 +22,8 @@ from wdmctl.export.manifest import read_manifest
 
 BACKENDS = ("onnx", "trt")
 INSTALL_HINT = 'pip install "wdmctl[export]"'
+# ORT's CUDA EP runs once before it captures; a failure in these first runs is a capture it cannot make
+CAPTURE_RUNS = 2
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 
 
@@ -83,23 +85,33 @@ class OrtRunner:
     `cuda_graph` (CUDA, fixed shapes): ORT captures the run as a CUDA graph and replays it. A graph keeps the
     addresses it was captured with, so the inputs are copied into buffers bound once, and the output buffer
     is cloned. Where ORT cannot capture the graph (a node it keeps on the CPU, as shape arithmetic of a
-    dynamic batch is), the session is made without it and `cuda_graph_note` says why."""
+    dynamic batch is), whether it says so when the session is made or in the first runs, the runner goes on
+    without one and `cuda_graph_note` says why."""
 
     def __init__(self, onnx_path: Path, input_names: Sequence[str], device: torch.device, cuda_graph: bool = False):
-        self.device = device
+        self.onnx_path, self.device = Path(onnx_path), device
         self.input_names = list(input_names)
         self.cuda_graph = cuda_graph and device.type == "cuda"
         self.cuda_graph_note: str | None = None
         self._bound: tuple[Any, list[torch.Tensor], torch.Tensor] | None = None
+        self._runs = 0  # runs of the bound graph so far
         if self.cuda_graph:
             try:
                 # ORT runs a captured graph on its own stream; __call__ synchronises torch's stream instead
                 self.session = ort_session(onnx_path, device, cuda_graph=True)
                 return
             except WdmError as err:
-                self.cuda_graph, self.cuda_graph_note = False, f"no CUDA graph: {err}"
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self.session = ort_session(onnx_path, device, stream=stream)
+                self._without_cuda_graph(err)
+                return
+        self.session = self._plain_session()
+
+    def _plain_session(self):
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return ort_session(self.onnx_path, self.device, stream=stream)
+
+    def _without_cuda_graph(self, err: Exception) -> None:
+        self.cuda_graph, self.cuda_graph_note, self._bound = False, f"no CUDA graph: {first_line(err)}", None
+        self.session = self._plain_session()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -122,18 +134,25 @@ class OrtRunner:
 
     def _replay(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._bound is None:
-            buffers = [t.contiguous().clone() for t in inputs]
+            buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
             out = torch.empty(inputs[0].shape, dtype=torch.float32, device=self.device)
             binding = self.session.io_binding()
             self._bind(binding, buffers, out)
-            self._bound = binding, buffers, out
+            self._bound, self._runs = (binding, buffers, out), 0
         binding, buffers, out = self._bound
         if [tuple(t.shape) for t in inputs] != [tuple(b.shape) for b in buffers]:
             raise WdmError("an ONNX Runtime CUDA graph replays one input shape; this export's batch is fixed")
         for buffer, value in zip(buffers, inputs):
             buffer.copy_(value)
         torch.cuda.current_stream(self.device).synchronize()  # the copies land before ORT's stream reads them
-        self.session.run_with_iobinding(binding)              # returns once ORT's stream is done
+        try:
+            self.session.run_with_iobinding(binding)          # returns once ORT's stream is done
+        except Exception as err:
+            if self._runs >= CAPTURE_RUNS:
+                raise
+            self._without_cuda_graph(err)  # ORT could not capture (or replay) this graph: run without one
+            return self(*inputs)
+        self._runs += 1
         return out.clone()
 
 
