@@ -45,6 +45,13 @@ class ModelSection:
     depth: int | None = None
     patch_size: int | None = None
     scan: str | None = None
+    cycle_offset: int | None = None
+    token_order: str | None = None
+    pad_tokens: int | None = None
+    mixer_conv: str | None = None
+    smoother: bool | None = None
+    position_embedding: str | None = None
+    zero_init: bool | None = None
     sample_size: int | None = None
     in_channels: int | None = None
     num_classes: int | None = None      # 0 trains an unconditional model even on a labelled cache
@@ -326,7 +333,7 @@ def validate(recipe: Recipe) -> None:
     """Range and choice checks that do not need the cache. Messages name the key and the allowed range."""
     from wdmctl.diffusion import SOLVERS
     from wdmctl.models.presets import preset_config
-    from wdmctl.models.wdmamba import SCAN_MODES
+    from wdmctl.models.wdmamba import CHOICES
 
     m, d, df, o, t, e, s, f, lg = (recipe.model, recipe.data, recipe.diffusion, recipe.optim, recipe.train,
                                     recipe.ema, recipe.sample, recipe.fid, recipe.log)
@@ -337,7 +344,10 @@ def validate(recipe: Recipe) -> None:
         _check(value is None or value >= 1, f"model.{key} must be >= 1, got {value}")
     _check(m.num_classes is None or m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}")
     _check(m.mlp_ratio is None or m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
-    _check(m.scan is None or m.scan in SCAN_MODES, f"model.scan must be one of {', '.join(SCAN_MODES)}, got {m.scan!r}")
+    for key, allowed in CHOICES.items():
+        value = getattr(m, key, None)
+        _check(value is None or value in allowed, f"model.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    _check(m.pad_tokens is None or m.pad_tokens >= 0, f"model.pad_tokens must be >= 0, got {m.pad_tokens}")
     _check(bool(m.scan_backend), "model.scan_backend must not be empty (use \"auto\")")
     _check(bool(d.cache), "data.cache is required: the folder written by `wdmctl cache` (see the recipe's comments)")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
@@ -388,8 +398,9 @@ def validate(recipe: Recipe) -> None:
 # Resolution against the cache manifest
 # ----------------------------------------------------------------------------------------------------
 
-MODEL_SHAPE_KEYS = ("width", "depth", "patch_size", "scan", "sample_size", "in_channels", "num_classes",
-                    "d_state", "d_conv", "expand", "num_heads", "mlp_ratio")
+MODEL_SHAPE_KEYS = ("width", "depth", "patch_size", "scan", "cycle_offset", "token_order", "pad_tokens",
+                    "mixer_conv", "smoother", "position_embedding", "zero_init", "sample_size", "in_channels",
+                    "num_classes", "d_state", "d_conv", "expand", "num_heads", "mlp_ratio")
 
 
 def _constructor_defaults() -> dict[str, Any]:
