@@ -134,6 +134,18 @@ def checkpoint_pipeline(run_dir: str | Path, checkpoint: str | int = "latest") -
     return pipeline
 
 
+def resolve_pipeline_dir(run: str | None = None, model: str | None = None, checkpoint: str = "latest") -> Path:
+    """--model DIR wins; otherwise the checkpoint of --run (default: the newest run under ./runs)."""
+    if run and model:
+        raise WdmError("give --run or --model, not both")
+    if model:
+        path = Path(model)
+        if not (path / "denoiser" / "config.json").exists():
+            raise WdmError(f"--model {model}: not a wdmctl model folder (no denoiser/config.json)")
+        return path
+    return checkpoint_pipeline(find_run(run), checkpoint)
+
+
 def resolve_checkpoint_arg(resume: str | Path) -> Path:
     """`--resume PATH`: a checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(resume)

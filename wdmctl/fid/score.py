@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from wdmctl import __version__
+from wdmctl.core.version import __version__
 from wdmctl.errors import WdmError
 from wdmctl.fid.reference import PR_FEATURES, ProgressFn, check_reference, load_reference
 from wdmctl.fid.samples import FidWarning, SampleSet, load_samples
