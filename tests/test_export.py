@@ -260,7 +260,7 @@ def test_wrong_input_size_is_a_one_line_error(conditional_export):
 
 def test_sampling_through_onnx_matches_torch(conditional_export):
     from wdmctl.diffusion import make_noise_scheduler
-    from wdmctl.sampling import sample_images
+    from wdmctl.diffusion.sampler import sample_images
 
     model = tiny_model(NUM_CLASSES)
     model.set_scan_backend("torch", chunk_size=8)

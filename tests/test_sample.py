@@ -15,7 +15,7 @@ from wdmctl.diffusion import SOLVERS, default_clip_x0, make_noise_scheduler, mak
 from wdmctl.models import build_model
 from wdmctl.pipeline import load_pipeline, pipeline_from_saved, save_pipeline
 from wdmctl.errors import WdmError
-from wdmctl.sampling import denoise_loop, guided_eps, sample_images
+from wdmctl.diffusion.sampler import denoise_loop, guided_eps, sample_images
 
 runner = CliRunner()
 

@@ -289,7 +289,8 @@ def _set_key(recipe: Recipe, section: str, key: str, value: Any, where: str) -> 
         coerced = _coerce(value, hints[key])
     except TypeError:
         raise WdmError(f"{where}: {section}.{key} must be {_type_name(hints[key])}, got {_value_desc(value)}") from None
-    coerced = VALUE_ALIASES.get(f"{section}.{key}", {}).get(coerced, coerced)
+    if f"{section}.{key}" in VALUE_ALIASES:
+        coerced = VALUE_ALIASES[f"{section}.{key}"].get(coerced, coerced)
     setattr(getattr(recipe, section), key, coerced)
 
 

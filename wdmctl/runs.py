@@ -5,9 +5,8 @@
       log.txt  stats.jsonl  loss.png      log lines, one JSON record per log interval, the loss curve
       tb/                                 TensorBoard events (when tensorboard is installed)
       samples/grid-NNNNNNN.png            EMA samples from fixed noise and labels
-      checkpoints/step-NNNNNNN/           accelerate save_state (model, optimizer, EMA, step, RNG) plus
-        pipeline/                         the from_pretrained folder that sample/fid/export read
-        meta.json                         step, images seen, recipe hash
+      checkpoints/step-NNNNNNN/           weights, EMA, optimizer state and counters (wdmctl.train.checkpoint),
+        pipeline/                         the weights inside the from_pretrained folder that sample/fid/export read
 
 A checkpoint folder is written under a temporary dot-name and renamed when complete, so every
 `step-*` folder is whole; dot-folders are leftovers of an interrupted save and are ignored.
@@ -149,7 +148,7 @@ def resolve_pipeline_dir(run: str | None = None, model: str | None = None, check
 def resolve_checkpoint_arg(resume: str | Path) -> Path:
     """`--resume PATH`: a checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(resume)
-    if CHECKPOINT_NAME.match(path.name) and (path / "meta.json").exists():
+    if CHECKPOINT_NAME.match(path.name) and path.is_dir():
         return path
     if path.is_dir() and (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)

@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
+from wdmctl.scan import mamba_ssm_scan
 from wdmctl.scan.registry import BACKENDS, ScanBackend, register_backend
 from wdmctl.scan.triton.common import INTERPRET
 from wdmctl.scan.triton.conv import _CausalConv1dFn
@@ -91,8 +91,8 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False, c
 def causal_conv1d_backend(x, weight, bias=None, activation=None, reverse=False, column_grid=None):
     """The triton backend's conv: causal-conv1d's kernel when installed and the scan runs forward in memory
     order, else ours (reverse, column-major order, bidirectional pairs)."""
-    if _has("causal_conv1d") and not reverse and not column_grid and weight.dim() == 2:
-        return causal_conv1d_mamba(x, weight, bias, activation, reverse)
+    if mamba_ssm_scan._has("causal_conv1d") and not reverse and not column_grid and weight.dim() == 2:
+        return mamba_ssm_scan.causal_conv1d_mamba(x, weight, bias, activation, reverse)
     return causal_conv1d_triton(x, weight, bias, activation, reverse, column_grid)
 
 
