@@ -548,3 +548,56 @@ def test_step_profile_groups_kernels_by_category():
     assert prof["gpu_ms"] == 5.0 and prof["gpu_busy"] == 0.5 and prof["launches"] == 526
     assert list(prof["categories"]) == ["selective scan", "matmul (GEMM)", "elementwise, copies, other"]
     assert prof["categories"]["selective scan"] == {"gpu_ms": 3.0, "share": 0.6, "launches": 26}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint layout
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_wdm_s2_checkpoint_holds_each_tensor_once(digits_cache, tmp_path):
+    # the full WDM-S/2 (width 384, 26 blocks) on the 8x8 digits: sizes are what count, the data only has to be
+    # small. Online weights (fp32), EMA (fp32) and Adam's two moments (fp32): 4 + 4 + 8 bytes a parameter.
+    sets = [f"data.cache={json.dumps(str(digits_cache))}", "model.scan_backend=torch-sequential",
+            "train.batch_size=2", "train.max_steps=1", "train.checkpoint_every=1", "train.precision=fp32",
+            "data.num_workers=0", "sample.grid_n=1", "sample.steps=1", "sample.every=0", "log.tensorboard=false"]
+    run = train(config.load_recipe(RECIPES / "cifar10.toml", sets), "cifar10", runs_dir=tmp_path / "runs")
+    checkpoint = latest_checkpoint(run)
+    files = [p for p in checkpoint.rglob("*") if p.is_file()]
+    params = load_pipeline(checkpoint / "pipeline").model.num_parameters()
+    assert params > 29e6  # WDM-S/2 itself, not a shrunk one
+    size = sum(p.stat().st_size for p in files)
+    assert size <= 1.05 * params * (4 + 4 + 8), f"{size / params:.2f} bytes per parameter"
+    assert not [p for p in files if p.suffix in (".pkl", ".bin", ".pt", ".pth")]
+
+
+def test_resume_reads_no_pickle(digits_cache, tmp_path, monkeypatch):
+    import pickle
+
+    runs = tmp_path / "runs"
+    run = train_direct(digits_cache, runs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resume unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    train_direct(digits_cache, runs, "train.max_steps=3")
+    assert "resumed from" in (run / "log.txt").read_text() and latest_checkpoint(run).name == "step-0000003"
+
+
+def test_an_old_layout_checkpoint_gets_a_one_line_error(digits_cache, tmp_path, capsys):
+    from wdmctl.cli import main
+
+    runs = tmp_path / "runs"
+    run = train_direct(digits_cache, runs)
+    old = latest_checkpoint(run)
+    (old / "trainer_state.json").unlink()
+    (old / "custom_checkpoint_0.pkl").write_bytes(b"")   # what Accelerate's save_state left
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(RECIPES / "quickstart.toml"), "--runs-dir", str(runs), "--max-steps", "3",
+              *[arg for s in tiny(digits_cache) for arg in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "written by an older wdmctl" in err and "--resume none" in err
+    load_pipeline(checkpoint_pipeline(run))  # sample, fid and export still read its pipeline/ folder

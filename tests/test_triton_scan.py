@@ -29,11 +29,13 @@ if not CUDA:  # without a GPU the kernels can only run interpreted; must be set 
 
 
 class _Modules:
-    """The Triton backend's modules as one namespace: a read finds the name where it is defined, a write (what
-    monkeypatch does) reaches every module that holds the name, so a patch reaches the code that uses it."""
+    """The Triton backend's modules as one namespace: a read finds the name where it is defined; a write (what
+    monkeypatch does) reaches every module that holds the name, so a patch reaches the code that uses it, and
+    deleting it (monkeypatch's undo) puts the original back everywhere."""
 
     def __init__(self, *modules):
         object.__setattr__(self, "_modules", modules)
+        object.__setattr__(self, "_originals", {})
 
     def __getattr__(self, name):
         for module in self._modules:
@@ -41,10 +43,17 @@ class _Modules:
                 return getattr(module, name)
         raise AttributeError(name)
 
-    def __setattr__(self, name, value):
+    def _set_everywhere(self, name, value):
         for module in self._modules:
             if hasattr(module, name):
                 setattr(module, name, value)
+
+    def __setattr__(self, name, value):
+        self._originals.setdefault(name, getattr(self, name))
+        self._set_everywhere(name, value)
+
+    def __delattr__(self, name):
+        self._set_everywhere(name, self._originals.pop(name))
 
 
 try:
