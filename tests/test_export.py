@@ -416,7 +416,6 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 def test_missing_run(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("wdmctl.runs")
     monkeypatch.chdir(tmp_path)
     err = one_line_error(["export", "--run", str(tmp_path / "runs" / "nope")], capsys)
     assert "nope" in err

@@ -32,6 +32,7 @@ PRESETS = typer.Option("WDM-B/2,WDM-XL/2", "--presets", help="Comma-separated pr
 UVIT = typer.Option(True, "--uvit/--no-uvit", help="Also time each WD-Mamba preset's same-size U-ViT.")
 SCAN = typer.Option(None, "--scan", help="Scan mode of the Mamba presets: their own (cycle: one direction per block) "
                     "or bidirectional (both directions in every block; U-ViT runs are unaffected).")
+LATENT_SIDE = typer.Option(32, "--resolution", min=2, help="Latent side (32 = 256 px images through the SD VAE).")
 CUDA_GRAPHS = typer.Option("off", "--cuda-graphs", help="off, on, or off,on: time eager launches, CUDA-graph "
                            "replay, or both (CUDA only).")
 INCEPTION = typer.Option(None, "--inception", help="FID Inception weights file (default: user cache, then "

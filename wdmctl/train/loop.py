@@ -252,5 +252,5 @@ class StepLoop:
         raise WdmError(
             f"training stopped: the loss or gradients were non-finite for {p.nonfinite_in_a_row} steps in a row "
             f"(up to step {p.step}); the last checkpoint is {latest or 'none'}. Try a lower optim.lr, a longer "
-            f"optim.warmup_steps, optim.max_grad_norm = 1, or train.precision = \"no\" to rule out bf16 "
+            f"optim.warmup_steps, optim.max_grad_norm = 1, or train.precision = \"fp32\" to rule out bf16 "
             f"(docs/train.md, Troubleshooting); raise train.max_nonfinite ({t.max_nonfinite}) to tolerate more")
