@@ -32,7 +32,7 @@ arm_overrides() {  # the recipe keys of each arm: one change from the default WD
 
 start_mps() {  # the arms are small: under MPS their kernels run concurrently instead of time-sliced
   command -v nvidia-cuda-mps-control >/dev/null || { echo "no MPS on this machine: arms are time-sliced"; return; }
-  pgrep -f nvidia-cuda-mps-control >/dev/null && { echo "MPS already running"; return; }
+  pgrep -x nvidia-cuda-mps >/dev/null && { echo "MPS already running"; return; }
   nvidia-cuda-mps-control -d || { echo "MPS did not start"; return; }
   if timeout 60 python -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS running"

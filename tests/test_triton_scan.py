@@ -26,14 +26,47 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # without a GPU the kernels can only run interpreted; must be set before triton_scan is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+class _Modules:
+    """The Triton backend's modules as one namespace: a read finds the name where it is defined; a write (what
+    monkeypatch does) reaches every module that holds the name, so a patch reaches the code that uses it, and
+    deleting it (monkeypatch's undo) puts the original back everywhere."""
+
+    def __init__(self, *modules):
+        object.__setattr__(self, "_modules", modules)
+        object.__setattr__(self, "_originals", {})
+
+    def __getattr__(self, name):
+        for module in self._modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+    def _set_everywhere(self, name, value):
+        for module in self._modules:
+            if hasattr(module, name):
+                setattr(module, name, value)
+
+    def __setattr__(self, name, value):
+        self._originals.setdefault(name, getattr(self, name))
+        self._set_everywhere(name, value)
+
+    def __delattr__(self, name):
+        self._set_everywhere(name, self._originals.pop(name))
+
+
 try:
     import triton
     import triton.language as tl
 
-    from wdmctl.scan import triton_scan as ts
+    from wdmctl.scan import triton as triton_backend
+    from wdmctl.scan.triton import common, conv, custom_ops, launch, scan
 
-    if not CUDA and not ts.INTERPRET:  # imported earlier in this process without the interpreter
-        ts = importlib.reload(ts)
+    if not CUDA and not common.INTERPRET:  # imported earlier in this process without the interpreter
+        for module in (common, launch, scan, conv, custom_ops, triton_backend):
+            importlib.reload(module)
+    ts = _Modules(triton_backend, custom_ops, scan, conv, launch, common)
 except ImportError:  # triton is not installed (the CPU venv): every test here skips
     triton = tl = ts = None
 
@@ -657,7 +690,7 @@ def test_gpu_output_layout_and_determinism():
 @pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 def test_gpu_matches_mamba_ssm(dtype, length):
     pytest.importorskip("mamba_ssm")
-    from wdmctl.scan.benchmark import scan_inputs
+    from wdmctl.bench.scan import scan_inputs
 
     x = scan_inputs(4, 256, length, 16, dtype, "model", seed=length)
     dy = torch.randn(4, 256, length, device="cuda", dtype=dtype)
