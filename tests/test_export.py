@@ -423,7 +423,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("which, form", [("conditional_export", "linear-attention"), ("unrolled_export", "unrolled")])
 def test_sampling_through_onnx_matches_torch(which, form, request):
     from wdmctl.diffusion import make_noise_scheduler
-    from wdmctl.sampling import sample_images
+    from wdmctl.diffusion.sampler import sample_images
 
     model = tiny_model(NUM_CLASSES)
     reference_form = onnx_export.REFERENCE_FORMS[form]
@@ -613,7 +613,6 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 def test_missing_run(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("wdmctl.runs")
     monkeypatch.chdir(tmp_path)
     err = one_line_error(["export", "--run", str(tmp_path / "runs" / "nope")], capsys)
     assert "nope" in err

@@ -122,8 +122,8 @@ def bench_cache(
     """Encoding throughput (images/s) of an SD-VAE-sized AutoencoderKL and of TAEF2."""
     import torch
 
-    from wdmctl.autoencoders import benchmark_encode
-    from wdmctl.bench import write_json
+    from wdmctl.bench.cache import benchmark_encode
+    from wdmctl.core.device import write_json
 
     payload = benchmark_encode(str(taef2) if taef2 else None, resolution, batch_size,
                                getattr(torch, dtype.value), warmup=min(3, iters), iters=iters)

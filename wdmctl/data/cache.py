@@ -38,10 +38,11 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from wdmctl.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
+from wdmctl.core.io import write_json_atomic
+from wdmctl.core.version import __version__
+from wdmctl.models.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
 from wdmctl.data.sources import center_crop_resize, open_source
 from wdmctl.errors import WdmError
-from wdmctl.pipeline import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "wdmctl-latent-cache"
@@ -296,8 +297,6 @@ def _prepare_out(out: Path, build: dict, overwrite: bool, process: _Process) -> 
 def _manifest(src: str, source, autoencoder, build: dict, resolution: int, flip: bool, shard_size: int,
               shards: list[dict] | None) -> dict[str, Any]:
     """manifest.json; `shards` None while the build is in progress (the reader refuses it then)."""
-    from wdmctl import __version__
-
     entries = shards or []
     skipped = [s for entry in entries for s in entry["skipped"]]
     return {

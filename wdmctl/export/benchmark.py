@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import re
 import tempfile
 import time
@@ -33,9 +32,11 @@ from typing import Any, Callable
 
 import torch
 
+from wdmctl.core.hashing import state_dict_sha256
 from wdmctl.errors import WdmError, first_line
 from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, prepare_for_export,
                                        source_identity)
+from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
 # export -> its ExportSettings beyond the bench's own (dtype, batch, chunk size, LinearAttention choice);
 # scan_dtype None: the bench's dtype
@@ -62,7 +63,7 @@ class DenoiserBench:
     batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
     resolution: int | None = None
     dtype: str = "fp16"
-    chunk_size: int = 16
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     linear_attention: str = "auto"
     backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     steps: int = 0
@@ -70,15 +71,6 @@ class DenoiserBench:
     iters: int = 20
     work_dir: str | None = None
     device: str | None = None
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """A fingerprint of in-memory weights (random-weight presets have no file to hash)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _models(bench: DenoiserBench):
@@ -121,7 +113,7 @@ def _no_grad(fn: Callable) -> Callable:
 def _make_denoiser(backend: str, model, settings: ExportSettings, export_dir: Path | None, device: torch.device):
     """(denoise(x, t, y), description) for one backend; `settings` and `export_dir` are those of its form."""
     if backend in ("eager", "eager-cuda-graph"):
-        from wdmctl.sampling import model_denoiser
+        from wdmctl.diffusion.sampler import model_denoiser
         from wdmctl.scan import resolve_backend
 
         eager = copy.deepcopy(model).to(device).eval()
@@ -155,8 +147,8 @@ def _make_denoiser(backend: str, model, settings: ExportSettings, export_dir: Pa
 
 def _sampling_seconds(denoise: Callable, config, settings: ExportSettings, steps: int, device: torch.device) -> float:
     """Wall time of one `steps`-step sampling run of `batch_size` images (guided when conditional)."""
-    from wdmctl.diffusion import default_solver, make_noise_scheduler, make_sampler
-    from wdmctl.sampling import denoise_loop
+    from wdmctl.diffusion.sampler import denoise_loop
+    from wdmctl.diffusion.schedule import default_solver, make_noise_scheduler, make_sampler
 
     conditional = config.num_classes > 0
     sampler = make_sampler(dict(make_noise_scheduler().config), default_solver(conditional))
@@ -175,7 +167,7 @@ def _sampling_seconds(denoise: Callable, config, settings: ExportSettings, steps
 def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, settings: ExportSettings,
                   bench: DenoiserBench, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
     """The timings of one backend, and its output on `inputs` (fp32, CPU) for the comparison with eager."""
-    from wdmctl.bench import peak_memory_gib, time_fn
+    from wdmctl.core.timing import peak_memory_gib, time_fn
 
     x, t, *rest = (v.to(device) for v in inputs)
     y = rest[0] if rest else None
@@ -275,7 +267,7 @@ def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench,
 
 def run_denoiser_bench(bench: DenoiserBench, out: str | None = None) -> str:
     """Run the benchmark; returns the JSON text (and writes it to `out` when given)."""
-    from wdmctl.bench import write_json
+    from wdmctl.core.device import write_json
     from wdmctl.export.manifest import export_versions, package_versions
 
     unknown = [b for b in bench.backends if b not in BENCH_BACKENDS]

@@ -6,27 +6,21 @@ export is replaced: a folder without one holds no valid export, whatever else is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from wdmctl.core.hashing import sha256_file  # noqa: F401 - the export modules' (and their tests') name for it
+from wdmctl.core.io import write_json_atomic
+from wdmctl.core.version import __version__
 from wdmctl.errors import WdmError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "wdmctl-export/1"
 ONNX_FILE = "denoiser.onnx"
 ENGINE_DIR = "engines"
-
-
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_versions(*names: str) -> dict[str, str | None]:
@@ -47,8 +41,6 @@ def onnxruntime_version() -> str | None:
 
 
 def export_versions() -> dict[str, str | None]:
-    from wdmctl import __version__
-
     versions = package_versions("torch", "onnx", "onnxscript", "onnx-ir")
     return {"wdmctl": __version__, **versions, "onnxruntime": onnxruntime_version()}
 
@@ -65,8 +57,6 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    from wdmctl.pipeline import write_json_atomic
-
     path = Path(export_dir) / MANIFEST_FILE
     write_json_atomic(path, manifest)
     return path

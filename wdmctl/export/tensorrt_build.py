@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from wdmctl.core.io import write_bytes_atomic
 from wdmctl.errors import MissingDependency, WdmError
 from wdmctl.export.manifest import ENGINE_DIR, read_manifest, sha256_file, write_manifest
 
@@ -109,18 +108,6 @@ def find_engine(export_dir: Path, manifest: dict[str, Any], device: torch.device
                    f"run `wdmctl export --trt --out {export_dir}` on this machine")
 
 
-def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Temporary file beside `path`, then rename: an engine is either whole or absent under its name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _serialize_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], optimization_level: int,
                       timing_cache: Path, workspace_gib: float | None) -> bytes:
     """Parse the ONNX file into a strongly typed network and build a serialized engine."""
@@ -152,10 +139,9 @@ def _serialize_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], 
     return bytes(serialized)
 
 
-def require_standard_ops_graph(manifest: dict[str, Any]) -> None:
+def require_standard_ops_graph(scan_form: str | None) -> None:
     """TensorRT has no LinearAttention: engines are built from the standard-ops forms only."""
-    form = manifest["settings"].get("scan_form")
-    if form == "linear-attention":
+    if scan_form == "linear-attention":
         raise WdmError("TensorRT cannot build from the linear-attention graph (it has no LinearAttention op); "
                        "export with --scan-form unrolled")
 
@@ -167,7 +153,7 @@ def build_engine(export_dir: str | Path, device: torch.device | str = "cuda",
     manifest and return its entry."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    require_standard_ops_graph(manifest)
+    require_standard_ops_graph(manifest["settings"].get("scan_form"))
     trt = require_tensorrt()
     if not torch.cuda.is_available():
         raise WdmError("TensorRT builds engines on a CUDA GPU, and none is visible")
