@@ -733,7 +733,7 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
                                                                    saved_conditional, tmp_path):
     import shutil
 
-    from wdmctl.export.benchmark import DenoiserBench, bench_model
+    from wdmctl.bench.denoiser import DenoiserBench, bench_model
     from wdmctl.pipeline import load_pipeline
 
     pipe = load_pipeline(saved_conditional)
@@ -766,7 +766,7 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
 
 
 def test_bench_rejects_unknown_backends():
-    from wdmctl.export.benchmark import DenoiserBench, run_denoiser_bench
+    from wdmctl.bench.denoiser import DenoiserBench, run_denoiser_bench
 
     with pytest.raises(WdmError, match="unknown backend"):
         run_denoiser_bench(DenoiserBench(presets=["WDM-B/2"], backends=["tvm"]))

@@ -255,7 +255,7 @@ def bench_denoiser(
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
     """Latency per denoiser call per backend and batch size, against eager PyTorch in the same run (JSON naming the GPU)."""
-    from wdmctl.export.benchmark import DenoiserBench, run_denoiser_bench
+    from wdmctl.bench.denoiser import DenoiserBench, run_denoiser_bench
 
     chosen = {"batch_sizes": batch_sizes} if batch_sizes else {}
     if backends:
