@@ -599,7 +599,7 @@ def one_line_error(args: list[str], capsys) -> str:
     (["--trt", "--scan-form", "linear-attention"], "TensorRT cannot build from the linear-attention graph"),
     (["--scan-dtype", "fp16"], "--scan-dtype must be fp32 or the graph's --dtype fp32, not 'fp16'"),
     (["--dtype", "fp16", "--scan-dtype", "fp16", "--scan-form", "unrolled"], "is for --scan-form linear-attention"),
-    (["--dtype", "int8"], "--dtype must be one of fp32, fp16, bf16"),
+    (["--dtype", "int8"], "--dtype must be one of fp32, bf16, fp16, not 'int8'"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--resolution", "7"], "--resolution 7 is not a multiple of the patch size 2"),
 ])

@@ -8,6 +8,7 @@ import typer
 
 from wdmctl.cli import options
 from wdmctl.cli.app import app
+from wdmctl.core.precision import PRECISIONS
 
 SCAN_FORM_HELP = ("linear-attention (the default): each scan as one LinearAttention node (fast; ONNX Runtime "
                   "only). unrolled (the default with --trt): standard ops only, chunks of --chunk-size tokens (any "
@@ -27,7 +28,7 @@ def export(
     trt: bool = typer.Option(False, "--trt", help="Build a TensorRT engine for this GPU from the unrolled graph; exports it first when --out has none of these weights and settings. Written to TensorRT's documented Python API, never run."),
     batch_size: int = typer.Option(16, help="Images per denoiser batch; a conditional model's graph takes the guidance batch, 2x this."),
     resolution: Optional[int] = typer.Option(None, help="Input side: the latent side for latent models, 32 for 256 px (default: the trained size)."),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16: the graph's precision (scan, softplus and norms stay fp32)."),
+    dtype: str = typer.Option("fp32", help=f"{' | '.join(PRECISIONS)}: the graph's precision (scan, softplus and norms stay fp32)."),
     scan_form: Optional[str] = typer.Option(None, help=SCAN_FORM_HELP),
     linear_attention: str = typer.Option("auto", help=LINEAR_ATTENTION_HELP),
     chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of --scan-form unrolled (default: the torch scan's own)."),

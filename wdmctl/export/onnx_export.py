@@ -37,13 +37,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from wdmctl.core.precision import check_precision, torch_dtype
 from wdmctl.errors import WdmError, first_line
 from wdmctl.export.manifest import (FORMAT, MANIFEST_FILE, ONNX_FILE, export_versions, read_manifest,
                                     sha256_file, write_manifest)
 from wdmctl.export.verify import TIMESTEPS, TOLERANCES, Tolerances, VerificationCase, verify_onnx
 from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --scan-form -> the wdmctl.scan backend the model is traced on
 SCAN_FORMS = {"linear-attention": "linear-attention", "unrolled": "torch", "sequential": "torch-sequential"}
 # the PyTorch computation each form is verified against: the plain recurrence for the op (an independent
@@ -81,8 +81,7 @@ class ExportSettings:
         """One-line errors for values that are wrong whatever the model."""
         from wdmctl.export.linear_attention import CHOICES
 
-        if self.dtype not in DTYPES:
-            raise WdmError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_precision(self.dtype, "--dtype")
         if self.scan_form not in SCAN_FORMS:
             raise WdmError(f"--scan-form must be one of {', '.join(SCAN_FORMS)}, not {self.scan_form!r}")
         if self.scan_form == "linear-attention" and self.linear_attention not in CHOICES:
@@ -164,9 +163,9 @@ def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size:
     twin = copy.deepcopy(model).eval().requires_grad_(False)
     options = {"chunk_size": chunk_size} if scan_form == "unrolled" else {}
     if scan_form == "linear-attention":
-        options["scan_dtype"] = DTYPES[scan_dtype]
+        options["scan_dtype"] = torch_dtype(scan_dtype, "--scan-dtype")
     twin.set_scan_backend(backend.name, **options)
-    target = DTYPES[dtype]
+    target = torch_dtype(dtype, "--dtype")
     # set .data rather than calling .to(): diffusers' ModelMixin.to warns about fp32-kept modules on every cast
     for tensor in [*twin.parameters(), *twin.buffers()]:
         if tensor.is_floating_point():
