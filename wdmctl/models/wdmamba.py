@@ -47,7 +47,7 @@ from wdmctl.scan import (
     transpose_patch_grid,
 )
 
-ARCHS = ("wdmamba", "umamba", "uvit")
+ARCHS = ("wdmamba", "umamba", "stack", "uvit")
 SCAN_MODES = ("cycle", "bidirectional")
 TOKEN_ORDERS = ("raster", "zigzag")
 MIXER_CONVS = ("causal1d", "2d")
@@ -341,6 +341,20 @@ class UStage(nn.Module):
         return x
 
 
+class PlainStack(UStage):
+    """DiM's plain stack for the paper's comparison: `depth` blocks one after another, no long skips."""
+
+    def __init__(self, make_block, depth: int):
+        nn.Module.__init__(self)
+        self.blocks = nn.ModuleList([make_block(i, False) for i in range(depth)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, modulation, grid):
+        for block in self.blocks:
+            x = self._run(block, x, modulation, None, grid)
+        return x
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
@@ -349,12 +363,13 @@ class WDMamba(ModelMixin, ConfigMixin):
     """Noise-prediction network: (x_t, t, y) -> epsilon. See the module docstring for the layout.
 
     Args:
-        arch: "wdmamba" (W-Net of two Us), "umamba" (one U) or "uvit" (one U of transformer blocks).
+        arch: "wdmamba" (W-Net of two Us), "umamba" (one U), "stack" (DiM-style: `depth` Mamba blocks in a
+            row, no long skips) or "uvit" (one U of transformer blocks).
         sample_size: trained latent/pixel side (H = W); other sizes interpolate the position embedding.
         in_channels: latent or pixel channels.
         patch_size: side of a square patch.
         width: token width D.
-        depth: encoder (and decoder) blocks per U; 6 in the paper.
+        depth: encoder (and decoder) blocks per U; 6 in the paper (for "stack": the number of blocks).
         num_classes: 0 = unconditional; otherwise label `num_classes` is the null class for CFG.
         d_state, d_conv, expand: Mamba-1 mixer sizes (N, conv width, d_inner / D).
         scan: "cycle" (one direction per block, cycling row/column x forward/backward) or "bidirectional".
@@ -438,7 +453,10 @@ class WDMamba(ModelMixin, ConfigMixin):
                               mixer_conv, token_order, pad_tokens)
 
         blocks_per_stage = 2 * depth + 1
-        self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
+        if arch == "stack":
+            self.w_net = nn.ModuleList([PlainStack(make_block, depth)])
+        else:
+            self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
         # DiM's "smoothers": depthwise 3x3 convs on the patch grid before and after the body
         self.smoothers = (nn.ModuleList([nn.Conv2d(width, width, 3, padding=1, groups=width) for _ in range(2)])
                           if smoother else None)
