@@ -11,7 +11,8 @@ import torch
 
 from wdmctl.models import build_model
 from wdmctl.models.token_order import ScanLayout
-from wdmctl.models.wdmamba import CYCLE, MambaBlock, SSMBranch, sincos_2d_embedding
+from wdmctl.models.embeddings import sincos_2d_embedding
+from wdmctl.models.wdmamba import CYCLE, MambaBlock, SSMBranch
 
 OPTIONS = [dict(), dict(token_order="zigzag"), dict(pad_tokens=3), dict(mixer_conv="2d"), dict(smoother=True),
            dict(position_embedding="sincos"), dict(zero_init=True), dict(cycle_offset=2),

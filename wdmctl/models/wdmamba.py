@@ -9,14 +9,19 @@ Reads top to bottom like the paper's Figure 2:
     RMSNorm -> Linear -> unpatchify -> Conv2d 3x3 -> predicted noise (B, C, H, W)
 
 Each Mamba block: pre-norm RMSNorm, adaLN-single modulation (shift/scale/gate from one shared MLP of the
-conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual.
+conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual. The mixer's
+local conv is a depthwise 3x3 over the patch grid in the presets (`mixer_conv="2d"`: Mamba's causal conv1d
+along the scan drew stripes, docs/results.md) or Mamba's own (`"causal1d"`).
 Scan orders cycle from block to block over row-major forward, row-major backward, column-major forward
 and column-major backward (`scan="cycle"`), or every block scans both directions of one orientation
 (`scan="bidirectional"`). Row-major order is restored after every block, so long skips, the position
 embedding and unpatchify all see tokens in the same order.
 
-The same class builds the paper's comparisons: `arch="umamba"` (one U of 6+1+6 Mamba blocks, the
-ablation) and `arch="uvit"` (U-ViT: transformer blocks with the same long skips).
+The same class builds the paper's comparisons: `arch="umamba"` (one U of Mamba blocks, the ablation),
+`arch="stack"` (DiM-style blocks in a row, no long skips) and `arch="uvit"` (U-ViT: transformer blocks with
+the same long skips). Issue 15's other options (zigzag orders, pad tokens, smoothers, sin-cos positions,
+adaLN-Zero, a cycle offset) are constructor arguments; embeddings live in embeddings.py and the scan-order
+copies of zigzag orders and pad tokens in token_order.py.
 Differences from the paper's text and released code are listed in docs/architecture.md.
 
 Activations stay in (batch, tokens, channels) layout and in row-major token order; the scan reads
@@ -36,6 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
+from wdmctl.models.embeddings import TimestepEmbedder, sincos_2d_embedding
 from wdmctl.models.norm_modulate import gated_residual, norm_modulate
 from wdmctl.models.token_order import ScanLayout
 from wdmctl.scan import (
@@ -56,43 +62,6 @@ CYCLE = ("row", "row_reverse", "column", "column_reverse")
 # the vocabulary of every string argument of WDMamba, checked by the constructor and by recipe validation
 CHOICES = {"arch": ARCHS, "scan": SCAN_MODES, "token_order": TOKEN_ORDERS, "mixer_conv": MIXER_CONVS,
            "position_embedding": POSITION_EMBEDDINGS}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Embeddings: patches, timesteps, classes
-# ----------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps on the 0..999 scale, as in DiT/ADM."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    """256-d sinusoid -> Linear -> SiLU -> Linear: the time token and the adaLN conditioning."""
-
-    def __init__(self, width: int, frequency_dim: int = 256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
-
-
-def sincos_2d_embedding(width: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding of a grid_h x grid_w patch grid, (grid_h * grid_w, width),
-    row-major: half the channels encode the row, half the column (MAE / DiT's get_2d_sincos_pos_embed)."""
-    if width % 4:
-        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, not {width}")
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-    row_args, col_args = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
-    return torch.cat([row_args.sin(), row_args.cos(), col_args.sin(), col_args.cos()], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------------------
