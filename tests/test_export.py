@@ -35,8 +35,11 @@ from wdmctl.export.onnx_export import ExportSettings, ensure_onnx, export_onnx, 
 from wdmctl.export.runtime import load_exported_denoiser  # noqa: E402
 from wdmctl.export.verify import TOLERANCES, Tolerances  # noqa: E402
 from wdmctl.models.presets import build_model  # noqa: E402
+from wdmctl.models.wdmamba import SSMBranch  # noqa: E402
 
-TINY = dict(width=32, depth=1, sample_size=8, in_channels=4)
+# mixer_conv "2d": the presets' depthwise 3x3 conv over the patch grid, stated so that the shared exports keep
+# testing it whatever the presets say
+TINY = dict(width=32, depth=1, sample_size=8, in_channels=4, mixer_conv="2d")
 NUM_CLASSES = 10
 QUIET = lambda line: None  # noqa: E731
 
@@ -94,6 +97,12 @@ def load_graph(folder: Path) -> onnx.ModelProto:
 
 def graph_ops(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node}
+
+
+def depthwise_convs(model: onnx.ModelProto, d_inner: int = 64) -> int:
+    """The mixers' 2-D convs: Conv nodes with one group per channel of the tiny model's d_inner."""
+    return sum(n.op_type == "Conv" and any(a.name == "group" and a.i == d_inner for a in n.attribute)
+               for n in model.graph.node)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,6 +242,7 @@ def test_scan_forms_in_the_graph(conditional_export, unrolled_export, unconditio
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs == {"q_num_heads": 64, "kv_num_heads": 64, "update_rule": b"gated", "scale": 1.0}
         assert list(node.input)[3] == ""  # no past state: every scan starts from zero
+    assert depthwise_convs(linear) == depthwise_convs(load_graph(unrolled_export)) == 6  # one per block
     unrolled = histogram(load_graph(unrolled_export))
     assert unrolled["CumSum"] == 2 * 6 and unrolled["LinearAttention"] == 0
     seq = histogram(load_graph(unconditional_export))
@@ -410,7 +420,8 @@ def _swap_rows_and_columns(order: str) -> str:
 def test_scan_direction_and_column_order_reach_the_graph(which, form, request):
     """The tiny model's blocks scan all four orders (rows or columns, forwards or backwards). The graph
     matches the model, and is far from the same weights with every direction flipped, or rows and columns
-    swapped: a form that lost `reverse` or the column-major order would fail here."""
+    swapped: a form that lost `reverse` or the column-major order would fail here. (With the 2-D conv only the
+    scan sees the order, and at this untrained size it moves eps by ~2-3e-4: 20x the parity bound.)"""
     denoise = load_exported_denoiser(request.getfixturevalue(which), "onnx", "cpu")
     x, t, y = inputs(4, conditional=True, seed=3)
     out = denoise(x, t, y)
@@ -421,27 +432,32 @@ def test_scan_direction_and_column_order_reach_the_graph(which, form, request):
     for wrong in (_flip_direction, _swap_rows_and_columns):
         for block in blocks:
             block.order = wrong(block.order)
-        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-2, wrong.__name__
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-4, wrong.__name__
         for block in blocks:
             block.order = wrong(block.order)  # both mappings are their own inverse
 
 
-# Model options that put the mixer's work outside the scan itself: a depthwise 3x3 conv on the patch grid
-# (the WDM presets' default-to-be) in place of the causal conv1d, and scan-order copies (zigzag lines, pad
-# tokens after each line) that the mixer builds before calling the scan interface without a column grid
-OPTION_MODELS = {"conv2d": dict(mixer_conv="2d"), "zigzag-pads": dict(token_order="zigzag", pad_tokens=2)}
+# Model options beside the shared exports' 2-D conv: Mamba's causal conv1d along the scan (what the quickstart
+# recipe keeps), and scan-order copies (zigzag lines, pad tokens after each line) that the mixer builds before
+# calling the scan interface without a column grid
+OPTION_MODELS = {"causal1d": dict(mixer_conv="causal1d"), "zigzag-pads": dict(token_order="zigzag", pad_tokens=2)}
 
 
 def option_model(name: str):
     torch.manual_seed(0)
-    return build_model("WDM-S/2", **TINY, num_classes=NUM_CLASSES, **OPTION_MODELS[name]).eval()
+    model = build_model("WDM-S/2", **{**TINY, **OPTION_MODELS[name]}, num_classes=NUM_CLASSES).eval()
+    for branch in (m for m in model.modules() if isinstance(m, SSMBranch) and m.pad_tokens is not None):
+        # pads at unit scale, as learned tokens grow to: at the init's 0.02 they barely reach eps, and the
+        # test below could not tell a graph that dropped them
+        branch.pad_tokens.data.mul_(50)
+    return model
 
 
 @pytest.mark.parametrize("form", ["linear-attention", "unrolled"])
 @pytest.mark.parametrize("name", OPTION_MODELS)
 def test_model_options_export_in_both_forms(name, form, tmp_path):
     """Each option exports in both forms, passes the checker and matches the fp32 PyTorch model on ONNX
-    Runtime's CPU provider within issue 17's fp32 bound; the graph holds what the option adds."""
+    Runtime's CPU provider within issue 17's fp32 bound."""
     model = option_model(name)
     m = export_onnx(model, tmp_path, ExportSettings(batch_size=2, scan_form=form, chunk_size=8),
                     {"weights_sha256": name}, log=QUIET)
@@ -452,28 +468,25 @@ def test_model_options_export_in_both_forms(name, form, tmp_path):
     assert ops.count("LinearAttention") == (6 if form == "linear-attention" else 0)
     assert ops.count("CumSum") == (2 * 6 if form == "unrolled" else 0)
     assert not set(ops) & {"Loop", "Scan", "If", "SequenceMap"}
-    if name == "conv2d":  # one depthwise 3x3 Conv per block (groups = d_inner = 64), no causal conv1d
-        depthwise = [n for n in graph.graph.node if n.op_type == "Conv"
-                     and any(a.name == "group" and a.i == 64 for a in n.attribute)]
-        assert len(depthwise) == 6
+    assert depthwise_convs(graph) == (0 if name == "causal1d" else 6)  # (the conv1d: shifted copies, no Conv)
 
     denoise = load_exported_denoiser(tmp_path, "onnx", "cpu")
     x, t, y = inputs(4, conditional=True, seed=7)
     out = denoise(x, t, y)
     assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) <= 1e-5
     if name == "zigzag-pads":
-        # a graph that scanned raster lines, or dropped the pad tokens, would be far from the model
+        # a graph that scanned raster lines, or other pad tokens, would be far from the model (measured:
+        # 1.2e-3 and 5.8e-3, 100x the parity bound)
         mixers = [b.mixer for b in model.modules() if hasattr(b, "mixer")]
         for mixer in mixers:
             mixer.zigzag = False
-        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-2
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-4
         for mixer in mixers:
             mixer.zigzag = True
             for branch in (mixer.forward_branch, mixer.backward_branch):
                 if branch is not None:
                     branch.pad_tokens.data.mul_(-1)
-        # (the pads are small, 0.02-scale weights: negating them moves eps by ~7e-4, 100x the parity above)
-        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-4
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-3
 
 
 def test_wrong_input_size_is_a_one_line_error(conditional_export):
