@@ -6,7 +6,6 @@ export is replaced: a folder without one holds no valid export, whatever else is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib import metadata
@@ -14,19 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from wdmctl.errors import WdmError
+from wdmctl.integrity import sha256_file  # noqa: F401  (re-exported: the export modules hash with it)
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "wdmctl-export/1"
 ONNX_FILE = "denoiser.onnx"
 ENGINE_DIR = "engines"
-
-
-def sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_versions(*names: str) -> dict[str, str | None]:

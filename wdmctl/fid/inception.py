@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import os
 import sys
@@ -99,11 +98,9 @@ def file_sha256(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from wdmctl.integrity import sha256_file
+
+    return sha256_file(path)
 
 
 def _identify(path: Path, source: str) -> ResolvedWeights:
