@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from wdmctl import config as cfg
 from wdmctl.cuda_graphs import capture, run_on_side_stream
+from wdmctl.data.cache_integrity import verify_cache
 from wdmctl.errors import WdmError
 from wdmctl.pipeline import save_pipeline, write_json_atomic
 from wdmctl.runs import (RunLock, checkpoint_dir, create_run_dir, latest_checkpoint, list_checkpoints, newest_run,
@@ -554,9 +555,11 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", resume: str = "latest") -> Path:
+def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", resume: str = "latest",
+          verify: bool = False) -> Path:
     """Train (or resume) a run of `recipe`; returns the run folder. Works the same under `accelerate launch`
-    with any number of processes. See the module docstring for the step and checkpoint semantics."""
+    with any number of processes. See the module docstring for the step and checkpoint semantics. `verify`
+    hashes every cache shard against the cache manifest first (sizes and framing are always checked)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -573,6 +576,8 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
     if state.is_main_process:
         try:
             plan = plan_run(recipe, recipe_name, runs_dir, resume)
+            if verify:
+                verify_cache(recipe.data.cache)
             run_dir = plan.run_dir or create_run_dir(runs_dir, plan.suffix)
             lock = RunLock(run_dir).acquire()
             old = run_dir / "recipe.toml"
