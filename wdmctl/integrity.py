@@ -111,9 +111,9 @@ def write_integrity(folder: str | Path) -> Path:
     from wdmctl.pipeline import write_json_atomic
 
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INTEGRITY_FILE)
-    records = [file_record(p, p.relative_to(folder).as_posix()) for p in files]
     path = folder / INTEGRITY_FILE
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != path)  # a sub-folder's own is covered
+    records = [file_record(p, p.relative_to(folder).as_posix()) for p in files]
     write_json_atomic(path, {"format": FORMAT, "files": records})
     return path
 

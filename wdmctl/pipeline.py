@@ -7,6 +7,7 @@
       scheduler/scheduler_config.json      the DDPM training schedule
       wdmctl.json                          autoencoder reference (from the cache manifest), classes,
                                            latent shape, the recipe's sampling defaults, step, provenance
+      integrity.json                       size + sha256 of every file above, written last (wdmctl.integrity)
 
 The trainer writes one per checkpoint (`checkpoints/step-NNNNNNN/pipeline/`); `WDMambaPipeline`
 reads and writes the same layout.
@@ -22,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wdmctl.errors import WdmError
+from wdmctl.errors import WdmError, first_line
+from wdmctl.integrity import require_intact, write_integrity
 
 META_FILE = "wdmctl.json"
+LOAD_HINT = "this model folder is damaged: use another checkpoint (--checkpoint STEP) or a good copy"
 
 
 @dataclass
@@ -87,6 +90,7 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
             "scheduler": ["diffusers", type(scheduler).__name__],
         })
         write_json_atomic(tmp / META_FILE, meta)
+        write_integrity(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -94,6 +98,13 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def require_intact_pipeline(folder: str | Path, full: bool = True) -> None:
+    """A one-line error naming the first damaged file of a saved folder. `full` hashes too (loading reads those
+    bytes anyway). A folder from before integrity.json, or from diffusers alone, is checked on each file's
+    framing, which still catches a cut-short weights file."""
+    require_intact(folder, full=full, required=False, hint=LOAD_HINT)
 
 
 def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None) -> SavedPipeline:
@@ -111,9 +122,13 @@ def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None
         if not (folder / "denoiser_online").exists():
             raise WdmError(f"{folder} holds only EMA weights; drop --no-ema")
         sub = "denoiser_online"
-    model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    require_intact_pipeline(folder)
+    try:
+        model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # what the checks above cannot foresee
+        raise WdmError(f"cannot load {folder / sub}: {first_line(err, 200)}; {LOAD_HINT}") from None
     return SavedPipeline(folder, model, scheduler, meta)
 
 
@@ -145,6 +160,7 @@ def _pipeline_class():
         def save_pretrained(self, save_directory, **kwargs):
             super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
             write_json_atomic(Path(save_directory) / META_FILE, self.wdmctl_meta)
+            write_integrity(save_directory)
 
         @classmethod
         def from_pretrained(cls, folder, **kwargs):

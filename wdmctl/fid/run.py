@@ -39,7 +39,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`); `clip_x0` None clips pixel models. Writes and returns the score
     JSON, extended with the run, checkpoint and sampler settings."""
     from wdmctl.fid.inception import default_device, load_inception
-    from wdmctl.pipeline import write_json_atomic
+    from wdmctl.pipeline import require_intact_pipeline, write_json_atomic
     from wdmctl.runs import checkpoint_pipeline, find_run
     from wdmctl.sampling import generate_images
 
@@ -55,6 +55,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "
                        f"{run_dir / 'recipe.toml'}")
     pipeline_dir = Path(checkpoint_pipeline(run_dir, checkpoint))
+    require_intact_pipeline(pipeline_dir, full=False)  # a damaged model is named before Inception loads
     out = _result_path(run_dir, pipeline_dir, num)
     if out.exists() and not overwrite:
         raise WdmError(f"{out} exists; pass --overwrite to score this checkpoint again")
