@@ -40,12 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from wdmctl import config as cfg
+from wdmctl.checkpoint_integrity import (describe_newest_intact, prune_checkpoints, require_resumable,
+                                         resume_point)
 from wdmctl.cuda_graphs import capture, run_on_side_stream
 from wdmctl.data.cache_integrity import verify_cache
+from wdmctl.disk_full import write_failure
 from wdmctl.errors import WdmError
+from wdmctl.integrity import write_integrity
 from wdmctl.pipeline import save_pipeline, write_json_atomic
-from wdmctl.runs import (RunLock, checkpoint_dir, create_run_dir, latest_checkpoint, list_checkpoints, newest_run,
-                         remove_tree, resolve_checkpoint_arg, run_suffix)
+from wdmctl.runs import (RunLock, checkpoint_dir, create_run_dir, latest_checkpoint, newest_run, remove_tree,
+                         resolve_checkpoint_arg, run_suffix)
 
 # purposes mixed into derived seeds, so the streams of one step never coincide
 _EPOCH, _DATA, _NOISE = 1, 2, 3
@@ -284,12 +288,21 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
             why = "its recipe.toml is missing" if changed is None else _describe_changes(changed[0])
             plan.notes.append(f"not resuming {run}: {why}; starting a new run (--resume {run} forces it)")
             return plan
-        plan.run_dir, plan.resume_from = run, latest_checkpoint(run)
+        resume_from, skipped = resume_point(run)  # past damaged or incomplete checkpoints, each noted
+        plan.run_dir, plan.resume_from = run, resume_from
+        plan.notes.extend(skipped)
         if changed[1]:
             plan.notes.append(f"resuming with changed settings: {_describe_changes(changed[1])}")
         return plan
     checkpoint = resolve_checkpoint_arg(resume)
     run = checkpoint.parent.parent
+    named = checkpoint.resolve() == Path(resume).resolve()
+    if named:
+        require_resumable(checkpoint, resume)  # a damaged checkpoint asked for by name is an error
+    newest, skipped = resume_point(run)
+    if not named:  # a run folder: its newest intact checkpoint, past damaged ones
+        checkpoint = newest
+        plan.notes.extend(skipped)
     changed = _recipe_changes(run, resolved)
     if changed is not None:
         model_changes = [c for c in changed[0] if c[0].startswith("model.")]
@@ -299,7 +312,7 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
         if changed[0] or changed[1]:
             plan.notes.append(f"resuming with changed settings: {_describe_changes(changed[0] + changed[1])}")
     plan.resume_from = checkpoint
-    if checkpoint == latest_checkpoint(run):
+    if checkpoint == newest:
         plan.run_dir = run
     else:
         plan.notes.append(f"{checkpoint.name} is not the latest checkpoint of {run}; continuing in a new run")
@@ -452,9 +465,11 @@ def grid_labels(n: int, num_classes: int) -> list[int] | None:
 # ----------------------------------------------------------------------------------------------------
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, write_extras: Callable[[Path], None]) -> Path:
-    """accelerate save_state into checkpoints/.step-N.tmp (every process), extras (pipeline/, meta.json) by
-    the main process, then rename to step-N and prune to the newest `keep`. Any failure leaves the previous
-    checkpoints untouched; a leftover temp folder is ignored by readers and removed by the next save."""
+    """accelerate save_state into checkpoints/.step-N.tmp (every process), extras (pipeline/, meta.json) and
+    last integrity.json by the main process, then rename to step-N and prune to the newest `keep` intact ones.
+    Any failure leaves the previous checkpoints untouched; a leftover temp folder is ignored by readers and
+    removed by the next save. A full disk (or another OS error) ends in a one-line error naming the file, the
+    free space and the newest intact checkpoint."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
@@ -466,15 +481,20 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, write_extr
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_extras(tmp)
-            remove_tree(final)  # only when re-saving a step this run already saved (same state)
+            write_integrity(tmp)  # last: a checkpoint without it is incomplete
+            remove_tree(final)  # only when re-saving a step this run already saved (same state), or a damaged one
             os.replace(tmp, final)
-            for _, old in list_checkpoints(run_dir)[:-keep]:
-                remove_tree(old)
-    except BaseException:
+            prune_checkpoints(run_dir, keep)
+    except BaseException as err:
         if accelerator.is_main_process:
             import shutil
 
+            # named before the partial folder (and the file it was writing) is removed
+            failure = write_failure(err, tmp, f"saving checkpoint {final.name}", describe_newest_intact(run_dir),
+                                    any_os_error=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None:
+                raise failure from None
         raise
     accelerator.wait_for_everyone()
     return final
@@ -599,6 +619,11 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
         raise WdmError(error)
     try:
         return _train_in(Path(run_dir_text), resume_text, notes, recipe, state)
+    except (OSError, RuntimeError) as err:  # a full disk while writing logs or grids (checkpoints: save_checkpoint)
+        failure = write_failure(err, run_dir_text, "training", describe_newest_intact(run_dir_text))
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if lock is not None:
             lock.release()

@@ -1,0 +1,71 @@
+"""A write that fails for lack of space (or any OS error while a known file set is written) as one line:
+which file, how much space is free, and what is still safe, instead of a traceback from deep inside
+torch.save or safetensors.
+
+torch.save reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`,
+without an errno, so a RuntimeError counts as a full disk when the filesystem is (nearly) full when it is seen.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+from wdmctl.errors import WdmError, first_line
+
+# below this much free space a failed write is put down to the disk being full
+NEARLY_FULL_BYTES = 1 << 20
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class WriteFailed(WdmError):
+    """Writing a file failed (usually a full disk); the message names the file, the free space and what is safe."""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space for an unprivileged writer on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def newest_file(folder: Path) -> Path | None:
+    """The most recently modified file under `folder`: the one being written when a write into it failed."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def is_disk_full(err: BaseException, where: str | Path) -> bool:
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        return True
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    return "No space left on device" in str(err) or free_bytes(where) < NEARLY_FULL_BYTES
+
+
+def write_failure(err: BaseException, where: str | Path, doing: str, safe: str,
+                  any_os_error: bool = False) -> WriteFailed | None:
+    """The one-line error for `err`, raised while `doing` (e.g. "saving checkpoint step-0000040") wrote into
+    `where` (a file, or a folder being filled: then its newest file is named), or None when `err` is not a
+    failed write (a full disk; with `any_os_error` any OSError) and should propagate as it is. `safe` says
+    what is intact. Call it before cleaning up a partial folder, so the file can still be found."""
+    if not (is_disk_full(err, where) or (any_os_error and isinstance(err, OSError))):
+        return None
+    named = getattr(err, "filename", None)
+    file = Path(named) if named else (newest_file(Path(where)) if Path(where).is_dir() else Path(where))
+    if is_disk_full(err, where):
+        cause = "no space left on device"
+    else:
+        cause = getattr(err, "strerror", None) or first_line(err, 120)
+    return WriteFailed(f"{doing} failed: {cause} writing {file or where} ({format_bytes(free_bytes(where))} free); "
+                       f"{safe}")
