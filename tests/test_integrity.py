@@ -70,15 +70,18 @@ def test_invalid_json_same_size_and_changed_bytes(folder):
 
 
 def test_missing_grown_and_several_bad_files_make_one_line(folder):
-    (folder / "optimizer.bin").unlink()
+    (folder / "meta.json").unlink()
+    with open(folder / "optimizer.bin", "ab") as f:
+        f.write(b"junk")
     with open(folder / "sub" / "weights.safetensors", "ab") as f:
         f.write(b"junk")
-    problems = folder_problems(folder)
-    assert problems[0] == ("optimizer.bin", "missing")
-    assert problems[1][0] == "sub/weights.safetensors" and "when it was written" in problems[1][1]
+    assert folder_problems(folder) == [("meta.json", "missing"), ("optimizer.bin", "1028 bytes, 1024 when it was written"),
+                                       ("sub/weights.safetensors", "4 bytes of garbage after the tensors "
+                                                                   f"({(folder / 'sub' / 'weights.safetensors').stat().st_size} "
+                                                                   f"bytes, {(folder / 'sub' / 'weights.safetensors').stat().st_size - 4} expected)")]
     with pytest.raises(CorruptFile) as info:
         require_intact(folder)
-    assert str(info.value).endswith("ckpt/optimizer.bin: missing (and 1 more file(s))") and "\n" not in str(info.value)
+    assert str(info.value).endswith("ckpt/meta.json: missing (and 2 more file(s))") and "\n" not in str(info.value)
 
 
 def test_unreadable_integrity_json_is_itself_corrupt(folder):

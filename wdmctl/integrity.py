@@ -86,21 +86,21 @@ def file_problem(path: str | Path, record: dict[str, Any] | None = None, full: b
     path = Path(path)
     if not path.is_file():
         return "missing"
-    if record is not None:
-        size, written = path.stat().st_size, int(record["bytes"])
-        if size < written:
-            return f"cut short ({size} of {written} bytes)"
-        if size > written:
-            return f"{size} bytes, {written} when it was written"
-    if path.suffix == ".safetensors":
-        problem = safetensors_problem(path)
-    elif path.suffix == ".json":
-        problem = json_problem(path)
-    else:
-        problem = None
-    if problem is None and full and record is not None and sha256_file(path) != record["sha256"]:
-        problem = "changed since it was written (sha256 differs)"
-    return problem
+    # the file's own framing first: "invalid JSON" says more than a size that differs
+    if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+        return problem
+    if path.suffix == ".json" and (problem := json_problem(path)):
+        return problem
+    if record is None:
+        return None
+    size, written = path.stat().st_size, int(record["bytes"])
+    if size < written:
+        return f"cut short ({size} of {written} bytes)"
+    if size > written:
+        return f"{size} bytes, {written} when it was written"
+    if full and sha256_file(path) != record["sha256"]:
+        return "changed since it was written (sha256 differs)"
+    return None
 
 
 # ---- folders written as a whole -------------------------------------------------------------------------

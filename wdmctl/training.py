@@ -596,8 +596,7 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
     if state.is_main_process:
         try:
             plan = plan_run(recipe, recipe_name, runs_dir, resume)
-            if verify:
-                verify_cache(recipe.data.cache)
+            verify_cache(recipe.data.cache, full=verify)  # a damaged shard is named before a run folder is made
             run_dir = plan.run_dir or create_run_dir(runs_dir, plan.suffix)
             lock = RunLock(run_dir).acquire()
             old = run_dir / "recipe.toml"

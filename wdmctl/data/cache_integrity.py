@@ -44,15 +44,16 @@ def require_intact_shards(cache_dir: str | Path, shards: list[dict[str, Any]], f
     raise CorruptFile(f"{which}; {REPAIR_HINT}")
 
 
-def verify_cache(cache_dir: str | Path) -> dict[str, Any]:
-    """`wdmctl cache verify DIR`: every shard against the manifest, hashes included. Returns what was checked
-    ({"shards", "bytes", "hashed"}: hashed False for a cache whose manifest has no shard hashes)."""
+def verify_cache(cache_dir: str | Path, full: bool = True) -> dict[str, Any]:
+    """Every shard against the manifest, hashes included with `full` (`wdmctl cache verify DIR`, `train
+    --verify`; training's default is the cheap check). Returns what was checked ({"shards", "bytes", "hashed"}:
+    hashed False when not `full` or for a cache whose manifest has no shard hashes)."""
     from wdmctl.data.cache import load_manifest
 
     shards = load_manifest(cache_dir)["shards"]
-    require_intact_shards(cache_dir, shards, full=True)
+    require_intact_shards(cache_dir, shards, full=full)
     return {"shards": len(shards), "bytes": sum((Path(cache_dir) / s["file"]).stat().st_size for s in shards),
-            "hashed": all(recorded(s) is not None for s in shards)}
+            "hashed": full and all(recorded(s) is not None for s in shards)}
 
 
 def recorded_shards(cache_dir: str | Path) -> dict[str, dict[str, Any]]:

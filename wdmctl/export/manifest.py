@@ -72,8 +72,8 @@ def require_intact_onnx(export_dir: str | Path, manifest: dict[str, Any]) -> Non
         if not path.is_file():
             problem = "missing"
         elif sha256_file(path) != digest:
-            problem = (f"changed since it was written (sha256 differs; {total} bytes now, {onnx['bytes']} when "
-                       f"exported)")
+            how = "cut short" if total < onnx["bytes"] else "changed since it was written"
+            problem = f"{how} (sha256 differs; {total} bytes now, {onnx['bytes']} when exported)"
         else:
             continue
         raise CorruptFile(f"{path}: {problem}; export again with `wdmctl export --overwrite`")
