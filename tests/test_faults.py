@@ -250,7 +250,7 @@ def test_truncated_cache_shard_is_named_and_re_encoded(cache, tmp_path, capsys):
 
 def full_disk_message(line: str, runs: Path) -> None:
     assert "saving checkpoint step-0000004 failed: no space left on device writing " in line
-    assert f"checkpoints/.step-0000004.tmp/" in line and " free); the newest intact checkpoint is " in line
+    assert "checkpoints/.step-0000004.tmp/" in line and " free); the newest intact checkpoint is " in line
     assert line.rstrip().endswith(f"{checkpoint(runs, 2)}; free some space and rerun the same command to resume "
                                   f"from it")
 

@@ -142,7 +142,7 @@ def folder_problems(folder: str | Path, full: bool = False, required: bool = Tru
     records = read_integrity(folder)
     if records is None:
         if required:
-            return [(INTEGRITY_FILE, "missing: the folder was not written to the end")]
+            return [(INTEGRITY_FILE, "missing (the save did not finish, or a wdmctl without integrity records wrote it)")]
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
         found = ((p.relative_to(folder).as_posix(), file_problem(p)) for p in files)
     else:

@@ -165,6 +165,7 @@ def _pipeline_class():
         @classmethod
         def from_pretrained(cls, folder, **kwargs):
             folder = Path(folder)
+            require_intact_pipeline(folder)
             pipe = super().from_pretrained(folder, use_safetensors=True, **kwargs)
             meta_path = folder / META_FILE
             pipe.wdmctl_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
