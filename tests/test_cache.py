@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import shared_path
-from wdmctl.autoencoders import autoencoder_from_manifest, load_autoencoder
+from wdmctl.models.autoencoders import autoencoder_from_manifest, load_autoencoder
 from wdmctl.data import cache as cache_module
 from wdmctl.data.cache import LatentDataset, build_cache, load_manifest
 from wdmctl.data.sources import center_crop_resize, open_source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_overrides_are_toml_values_with_bare_strings_allowed(tmp_path):
     ("ema.decay=1.0", r"ema\.decay must be in \[0, 1\)"),
     ("optim.lr=-1", r"optim\.lr must be > 0"),
     ("train.grad_accum=3", r"train\.batch_size \(128\) must be divisible by train\.grad_accum \(3\)"),
-    ("train.precision=fp8", r"train\.precision must be one of auto, bf16, fp16, no"),
+    ("train.precision=fp8", r"train\.precision must be one of auto, fp32, bf16, fp16"),
     ("sample.solver=dpm++2", r"sample\.solver must be auto or one of .*did you mean dpm\+\+2m"),
     ("fid.solver=unipcc", r"fid\.solver must be auto or one of .*did you mean unipc"),
     ("optim.schedule=linear", r"optim\.schedule must be one of constant, cosine, got 'linear'"),
@@ -155,3 +156,34 @@ def test_toml_round_trip_flatten_hash_and_differences(tmp_path):
     changed = config.resolve(changed, manifest(num_classes=10))
     assert [k for k, _, _ in config.differences(resolved, changed)] == ["optim.lr", "train.max_steps"]
     assert config.differences(resolved, changed, ignore=config.RESUMABLE_KEYS) == [("optim.lr", 2e-4, 1e-4)]
+
+
+def test_model_keys_are_the_constructor_arguments():
+    # every argument of WDMamba.__init__ but arch (the preset's) and scan_backend (a runtime choice) is a
+    # recipe key, so a new architecture option needs no second list anywhere
+    import inspect
+
+    from wdmctl.models.wdmamba import WDMamba
+
+    arguments = [p for p in inspect.signature(WDMamba.__init__).parameters if p not in config.NOT_RECIPE_KEYS]
+    assert list(config.MODEL_KEYS) == arguments
+    assert {f.name for f in dataclasses.fields(config.ModelSection)} == {"preset", "scan_backend", *arguments}
+
+
+def test_a_new_constructor_argument_becomes_a_typed_recipe_key(monkeypatch):
+    from wdmctl.models.wdmamba import WDMamba
+
+    def init(self, arch: str = "wdmamba", width: int = 8, gate_bias: float = 0.5, levels: tuple[int, ...] = (1, 2),
+             scan_backend: str = "auto"):
+        pass
+
+    section = config.model_section_class(init)
+    monkeypatch.setitem(config.SECTIONS, "model", section)
+    recipe = config.Recipe(model=section())
+    config.apply_overrides(recipe, ["model.gate_bias=2", "model.levels=[3, 4]"])
+    assert recipe.model.gate_bias == 2.0 and recipe.model.levels == (3, 4)
+    with pytest.raises(WdmError, match="model.gate_bias must be a number, got 'high'"):
+        config.apply_overrides(recipe, ["model.gate_bias=high"])
+    with pytest.raises(WdmError, match="unknown key model.arch"):
+        config.apply_overrides(recipe, ["model.arch=uvit"])
+    assert WDMamba  # the real class is untouched

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import needs_cuda
-from wdmctl.bench import parse_cuda_graphs
+from wdmctl.cli.bench import parse_cuda_graphs
 from wdmctl.diffusion import make_noise_scheduler
 from wdmctl.errors import WdmError
 from wdmctl.models import build_model
-from wdmctl.sampling import CudaGraphDenoiser, SampleRequest, model_denoiser, run_sample, sample_images
+from wdmctl.apps.sample import SampleRequest, run_sample
+from wdmctl.diffusion.sampler import CudaGraphDenoiser, model_denoiser, sample_images
 
 
 def tiny_model(device="cpu"):

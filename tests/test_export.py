@@ -260,7 +260,7 @@ def test_wrong_input_size_is_a_one_line_error(conditional_export):
 
 def test_sampling_through_onnx_matches_torch(conditional_export):
     from wdmctl.diffusion import make_noise_scheduler
-    from wdmctl.sampling import sample_images
+    from wdmctl.diffusion.sampler import sample_images
 
     model = tiny_model(NUM_CLASSES)
     model.set_scan_backend("torch", chunk_size=8)
@@ -416,7 +416,6 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 def test_missing_run(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("wdmctl.runs")
     monkeypatch.chdir(tmp_path)
     err = one_line_error(["export", "--run", str(tmp_path / "runs" / "nope")], capsys)
     assert "nope" in err

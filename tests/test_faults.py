@@ -3,12 +3,15 @@ message and a clean exit code, with the fallback where there is one, no tracebac
 or changed. Plus kill -9 during a checkpoint write, after which resume is still bitwise exact. CPU only.
 
 | fault                                             | test                                                  |
-| newest checkpoint's model.safetensors truncated   | test_truncated_newest_checkpoint_resumes_from_the_one_before, test_resume_path_to_a_damaged_checkpoint_is_an_error |
+| newest checkpoint's weights truncated (the online | test_truncated_newest_checkpoint_resumes_from_the_one_before, |
+|   weights resume reads, or optimizer.safetensors) |   test_resume_path_to_a_damaged_checkpoint_is_an_error |
 | pipeline/denoiser weights truncated               | test_truncated_pipeline_weights_are_one_line_errors (sample, fid, export) |
 | an export's ONNX file truncated                   | test_damaged_export_is_a_one_line_error                |
 | one cache shard truncated (or changed)            | test_truncated_cache_shard_is_named_and_re_encoded    |
 | disk fills while a checkpoint is written          | test_full_disk_on_a_small_tmpfs (root only), test_full_disk_injected_in_process |
-| newest checkpoint's meta.json invalid             | test_invalid_meta_json_is_detected_and_skipped        |
+| newest checkpoint's JSON invalid (what was        | test_invalid_checkpoint_json_is_detected_and_skipped  |
+|   meta.json: trainer_state.json, wdmctl.json)     |                                                       |
+| a checkpoint without integrity.json (incomplete)  | test_every_checkpoint_damaged_is_an_error_not_a_fresh_start |
 | kill -9 during a checkpoint write                 | test_kill_9_during_a_checkpoint_write_then_exact_resume |
 """
 
@@ -27,12 +30,13 @@ from pathlib import Path
 import pytest
 
 from test_train import REPO, TINY, assert_bitwise_equal, state_of
-from wdmctl.checkpoint_integrity import checkpoint_problem, prune_checkpoints
 from wdmctl.cli import main
 from wdmctl.runs import list_checkpoints
+from wdmctl.train.checkpoint import checkpoint_problem, prune_checkpoints
 
 RECIPE = REPO / "recipes" / "quickstart.toml"
 RUN = "00000-quickstart-WDM-S2"
+ONLINE_WEIGHTS = "pipeline/denoiser_online/diffusion_pytorch_model.safetensors"  # what resume loads the net from
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,56 +117,65 @@ def checkpoint(runs: Path, step: int) -> Path:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------
 
-def test_truncated_newest_checkpoint_resumes_from_the_one_before(cache, runs, reference, capsys):
-    truncate(checkpoint(runs, 4) / "model.safetensors")
+@pytest.mark.parametrize("damaged", [ONLINE_WEIGHTS, "optimizer.safetensors"])
+def test_truncated_newest_checkpoint_resumes_from_the_one_before(cache, runs, reference, capsys, damaged):
+    truncate(checkpoint(runs, 4) / damaged)
     intact = snapshot(checkpoint(runs, 2))
     code, out, err = cli(capsys, *train_argv(cache, runs))
     assert code == 0, err
-    warnings = [line for line in out.splitlines() if "damaged" in line]
-    assert len(warnings) == 1
-    assert "step-0000004/model.safetensors: cut short" in warnings[0] and "resuming from step-0000002" in warnings[0]
-    assert f"resumed from {checkpoint(runs, 2)} at step 2" in out
+    (warning,) = [line for line in out.splitlines() if "damaged" in line]
+    assert f"skipped damaged checkpoint step-0000004 ({checkpoint(runs, 4) / damaged}: cut short" in warning
+    assert warning.endswith("resuming from step-0000002")
+    assert f"resumed from {checkpoint(runs, 2)} at step 2" in out and warning in (runs / RUN / "log.txt").read_text()
     assert snapshot(checkpoint(runs, 2)) == intact
     assert_bitwise_equal(state_of(checkpoint(runs, 4)), reference)  # the damaged step 4, recomputed exactly
 
 
 def test_resume_path_to_a_damaged_checkpoint_is_an_error(cache, runs, capsys):
-    truncate(checkpoint(runs, 4) / "model.safetensors")
+    truncate(checkpoint(runs, 4) / ONLINE_WEIGHTS)
     before = snapshot(runs)
     code, out, err = cli(capsys, *train_argv(cache, runs, "--resume", str(checkpoint(runs, 4))))
     line = one_error_line(err)
     assert code == 2 and f"--resume {checkpoint(runs, 4)}: the checkpoint is damaged" in line
-    assert "step-0000004/model.safetensors: cut short" in line
+    assert f"step-0000004/{ONLINE_WEIGHTS}: cut short" in line and "resume from another checkpoint of" in line
     assert snapshot(runs) == before
+    # the run folder instead of the checkpoint: its newest intact checkpoint, with the warning
+    code, out, err = cli(capsys, *train_argv(cache, runs, "--resume", str(runs / RUN)))
+    assert code == 0 and "resuming from step-0000002" in out
 
 
-def test_invalid_meta_json_is_detected_and_skipped(cache, runs, reference, capsys):
-    (checkpoint(runs, 4) / "meta.json").write_text("{not json")
+@pytest.mark.parametrize("damaged", ["trainer_state.json", "pipeline/wdmctl.json"])
+def test_invalid_checkpoint_json_is_detected_and_skipped(cache, runs, reference, capsys, damaged):
+    """What was meta.json: the counters resume reads, and the pipeline's metadata that sample/fid/export read."""
+    (checkpoint(runs, 4) / damaged).write_text("{not json")
     intact = snapshot(checkpoint(runs, 2))
     code, out, err = cli(capsys, *train_argv(cache, runs))
     assert code == 0, err
-    warnings = [line for line in out.splitlines() if "damaged" in line]
-    assert len(warnings) == 1 and "step-0000004/meta.json: invalid JSON" in warnings[0]
+    (warning,) = [line for line in out.splitlines() if "damaged" in line]
+    assert f"{checkpoint(runs, 4) / damaged}: invalid JSON" in warning
     assert snapshot(checkpoint(runs, 2)) == intact
     assert_bitwise_equal(state_of(checkpoint(runs, 4)), reference)
 
 
 def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(cache, runs, capsys):
-    truncate(checkpoint(runs, 4) / "optimizer.bin")
+    truncate(checkpoint(runs, 4) / "optimizer.safetensors")
     (checkpoint(runs, 2) / "integrity.json").unlink()  # as a checkpoint cut off before its manifest
     before = snapshot(runs)
     code, _, err = cli(capsys, *train_argv(cache, runs))
     line = one_error_line(err)
     assert code == 2 and "has no intact checkpoint to resume from (2 damaged" in line and "--resume none" in line
     assert snapshot(runs) == before
+    assert checkpoint_problem(checkpoint(runs, 2)) == f"{checkpoint(runs, 2) / 'integrity.json'}: missing (the save " \
+                                                      f"did not finish, or a wdmctl without integrity records wrote it)"
 
 
 def test_checkpoint_checks_and_pruning_count_intact_ones(runs):
     run = runs / RUN
     assert checkpoint_problem(checkpoint(runs, 4), full=True) is None
-    meta = checkpoint(runs, 4) / "meta.json"
+    meta = checkpoint(runs, 4) / "trainer_state.json"
     text = meta.read_text()
-    meta.write_text(text.replace('"step": 4', '"step": 9'))  # same size, valid JSON: the hash and the step tell
+    assert '"step": 4,' in text
+    meta.write_text(text.replace('"step": 4,', '"step": 9,'))  # same size, valid JSON: the hash and the step tell
     assert "sha256 differs" in checkpoint_problem(checkpoint(runs, 4), full=True)
     assert checkpoint_problem(checkpoint(runs, 4)) == f"{meta}: no step matching the folder name (step 9)"
     intact = snapshot(checkpoint(runs, 2))
@@ -193,8 +206,8 @@ def test_truncated_pipeline_weights_are_one_line_errors(runs, tmp_path, capsys):
 
 
 def test_damaged_export_is_a_one_line_error(runs, capsys):
+    from wdmctl.apps.export import ExportRequest, run_export
     from wdmctl.export.onnx_export import ExportSettings
-    from wdmctl.export.workflow import ExportRequest, run_export
 
     export_dir, manifest = run_export(ExportRequest(run=str(runs / RUN), settings=ExportSettings(batch_size=2),
                                                     verify=False), log=lambda line: None)
@@ -294,13 +307,14 @@ def test_full_disk_on_a_small_tmpfs(cache, small_disk, reference, capsys):
     assert_bitwise_equal(state_of(checkpoint(runs, 4)), reference)
 
 
-@pytest.mark.parametrize("failure", ["ENOSPC", "torch.save"])
+@pytest.mark.parametrize("failure", ["ENOSPC", "safetensors"])
 def test_full_disk_injected_in_process(cache, tmp_path, monkeypatch, capsys, failure):
     """The same fault where no tmpfs can be mounted: the write path raises what a full disk raises there (an
-    OSError with errno ENOSPC; torch.save's RuntimeError without an errno, seen on a nearly full disk)."""
-    import torch
+    OSError with errno ENOSPC from diffusers' save_pretrained; safetensors' SafetensorError, which carries no
+    errno, from optimizer.safetensors, the last large file)."""
+    from safetensors import SafetensorError
 
-    from wdmctl import disk_full, training
+    from wdmctl.train import checkpoint as checkpoint_mod
 
     runs = tmp_path / "runs"
     assert cli(capsys, *train_argv(cache, runs, "--max-steps", "2"))[0] == 0
@@ -311,19 +325,19 @@ def test_full_disk_injected_in_process(cache, tmp_path, monkeypatch, capsys, fai
             (folder / "half-written.safetensors").write_bytes(b"\0" * 100)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(training, "save_pipeline", partial_then_full)
+        monkeypatch.setattr(checkpoint_mod, "save_pipeline", partial_then_full)
     else:
-        def enforce_fail(obj, f, *args, **kwargs):
-            Path(f).write_bytes(b"PK\3\4")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        def serialize_fails(tensors, filename, *args, **kwargs):
+            Path(filename).write_bytes(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-        monkeypatch.setattr(torch, "save", enforce_fail)
-        monkeypatch.setattr(disk_full, "free_bytes", lambda path: 0)
+        monkeypatch.setattr(checkpoint_mod, "save_file", serialize_fails)
     code, _, err = cli(capsys, *train_argv(cache, runs))
     line = one_error_line(err)
     assert code == 2
     full_disk_message(line, runs)
-    assert ("half-written.safetensors" in line) if failure == "ENOSPC" else (" (0 B free)" in line)
+    written = "pipeline/half-written.safetensors" if failure == "ENOSPC" else ".step-0000004.tmp/optimizer.safetensors"
+    assert f"writing {runs / RUN / 'checkpoints'}" in line and f"{written} (" in line
     assert snapshot(checkpoint(runs, 2)) == intact
     assert [s for s, _ in list_checkpoints(runs / RUN)] == [2] and not list((runs / RUN / "checkpoints").glob(".*"))
 
@@ -334,29 +348,30 @@ def test_full_disk_injected_in_process(cache, tmp_path, monkeypatch, capsys, fai
 
 KILLER = """
 import os, signal, sys
-from wdmctl import training
+from pathlib import Path
+from wdmctl.train import checkpoint
 
 name = sys.argv[1]
-real = getattr(training, name)
+real = getattr(checkpoint, name)
 
-def killed(folder, *args, **kwargs):
-    if ".step-0000004.tmp" in str(folder):
+def killed(*args, **kwargs):
+    if any(isinstance(a, (str, Path)) and ".step-0000004.tmp" in str(a) for a in args):
         if name == "write_integrity":
-            real(folder, *args, **kwargs)  # the checkpoint is whole; killed before its rename
+            real(*args, **kwargs)  # the checkpoint is whole; killed before its rename
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(folder, *args, **kwargs)
+    return real(*args, **kwargs)
 
-setattr(training, name, killed)
+setattr(checkpoint, name, killed)
 from wdmctl.cli import main
 main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("moment", ["save_pipeline", "write_integrity"])
+@pytest.mark.parametrize("moment", ["save_file", "write_integrity"])
 def test_kill_9_during_a_checkpoint_write_then_exact_resume(cache, tmp_path, reference, capsys, moment):
-    """SIGKILL while step 4's checkpoint is written (mid-way: the Accelerate state written, the pipeline not; or
-    whole but not yet renamed): step 2 is untouched, and rerunning the command ends bitwise where an
-    uninterrupted run does."""
+    """SIGKILL while step 4's checkpoint is written (mid-way: the pipeline written, optimizer.safetensors about
+    to be; or whole, integrity.json included, but not yet renamed): step 2 is untouched, and rerunning the
+    command ends bitwise where an uninterrupted run does."""
     runs = tmp_path / "runs"
     assert cli(capsys, *train_argv(cache, runs, "--max-steps", "2"))[0] == 0
     intact = snapshot(checkpoint(runs, 2))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +74,13 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def pixel_inception(monkeypatch) -> PixelFeatures:
-    """Make every `load_inception` (CLI, score, run) return the stand-in."""
+    """Make every `load_inception` (CLI, score, reference, run) return the stand-in."""
+    from wdmctl.apps import fid as fid_app
+    from wdmctl.fid import reference, score
+
     extractor = PixelFeatures()
-    monkeypatch.setattr(inception_mod, "load_inception", lambda *args, **kwargs: extractor)
+    for module in (inception_mod, reference, score, fid_app):
+        monkeypatch.setattr(module, "load_inception", lambda *args, **kwargs: extractor)
     return extractor
 
 
@@ -368,7 +370,8 @@ def test_resize_is_tf1_bilinear():
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch, cache_dir, pixel_inception):
-    """A run folder with a recipe, and `wdmctl.runs` / `wdmctl.sampling` replaced by fakes that record calls."""
+    """A run folder with a recipe, and the run lookup and sampling of `wdmctl.apps.fid` replaced by fakes that
+    record calls."""
     real = write_folder(tmp_path / "real", random_images(24))
     run_dir = tmp_path / "runs" / "00001-test"
     pipeline = run_dir / "checkpoints" / "step-0000100" / "pipeline"
@@ -395,14 +398,16 @@ def fake_run(tmp_path, monkeypatch, cache_dir, pixel_inception):
         for start in range(0, n, batch_size):
             yield images[start:start + batch_size], np.zeros(len(images[start:start + batch_size]), np.int64)
 
-    monkeypatch.setitem(sys.modules, "wdmctl.runs", types.SimpleNamespace(
-        find_run=find_run, checkpoint_pipeline=checkpoint_pipeline))
-    monkeypatch.setitem(sys.modules, "wdmctl.sampling", types.SimpleNamespace(generate_images=generate_images))
+    from wdmctl.apps import fid as fid_app
+
+    monkeypatch.setattr(fid_app, "find_run", find_run)
+    monkeypatch.setattr(fid_app, "checkpoint_pipeline", checkpoint_pipeline)
+    monkeypatch.setattr(fid_app, "generate_images", generate_images)
     return run_dir, calls
 
 
 def test_fid_for_run_uses_the_recipe_and_writes_json(fake_run):
-    from wdmctl.fid.run import fid_for_run
+    from wdmctl.apps.fid import fid_for_run
 
     run_dir, calls = fake_run
     result = fid_for_run(batch_size=8, device="cpu")

@@ -1,4 +1,4 @@
-"""wdmctl.integrity: records written with a folder, cheap and full checks, one-line errors naming the file."""
+"""wdmctl.core.integrity: records written with a folder, cheap and full checks, one-line errors naming the file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wdmctl.integrity import (INTEGRITY_FILE, CorruptFile, file_problem, file_record, folder_problems,
-                              require_intact, safetensors_problem, sha256_file, write_integrity)
+from wdmctl.core.hashing import sha256_file
+from wdmctl.core.integrity import (INTEGRITY_FILE, CorruptFile, file_problem, file_record, folder_problems,
+                                   require_intact, safetensors_problem, write_integrity)
 
 
 @pytest.fixture
@@ -101,3 +102,4 @@ def test_file_problem_of_a_single_file(tmp_path):
     path.write_bytes(bytes(data))
     assert file_problem(path, record) is None
     assert file_problem(path, record, full=True) == "changed since it was written (sha256 differs)"
+

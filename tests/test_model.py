@@ -103,7 +103,7 @@ def test_tokens_return_to_row_major_order():
     # place; a leftover permutation would move patches around
     model = tiny(depth=1).eval()
     for block in (m for m in model.modules() if isinstance(m, MambaBlock)):
-        block.mixer._mix = lambda h, reverse, column_grid, backend: h * 1.0
+        block.mixer._mix = lambda h, reverse, column_grid, backend, layout, grid: h * 1.0
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         tokens_before = model.patch_embed(x).flatten(2).transpose(1, 2)

@@ -15,7 +15,7 @@ from wdmctl.diffusion import SOLVERS, default_clip_x0, make_noise_scheduler, mak
 from wdmctl.models import build_model
 from wdmctl.pipeline import load_pipeline, pipeline_from_saved, save_pipeline
 from wdmctl.errors import WdmError
-from wdmctl.sampling import denoise_loop, guided_eps, sample_images
+from wdmctl.diffusion.sampler import denoise_loop, guided_eps, sample_images
 
 runner = CliRunner()
 
@@ -239,3 +239,18 @@ def test_bench_scan_mode_applies_to_the_mamba_presets_only(tmp_path):
     for command in ("sample", "train"):
         r = runner.invoke(app, ["bench", command, "--presets", "WDM-S/2", "--backends", "torch", "--scan", "both"])
         assert r.exit_code != 0 and "--scan must be one of cycle, bidirectional, not 'both'" in str(r.exception)
+
+
+@pytest.mark.parametrize("command", ["sample", "fid", "export"])
+def test_a_missing_run_is_one_precise_line(command, tmp_path, capsys, monkeypatch):
+    # every command that takes --run finds it the same way (wdmctl.runs), and says which run and where it looked
+    from wdmctl.cli import main
+
+    if command == "export":
+        pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "00000-other-WDM-S2").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--run", "7"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == "error: run '7' not found (neither a folder nor a run under runs/)\n"

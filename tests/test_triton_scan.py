@@ -26,14 +26,47 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # without a GPU the kernels can only run interpreted; must be set before triton_scan is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+class _Modules:
+    """The Triton backend's modules as one namespace: a read finds the name where it is defined; a write (what
+    monkeypatch does) reaches every module that holds the name, so a patch reaches the code that uses it, and
+    deleting it (monkeypatch's undo) puts the original back everywhere."""
+
+    def __init__(self, *modules):
+        object.__setattr__(self, "_modules", modules)
+        object.__setattr__(self, "_originals", {})
+
+    def __getattr__(self, name):
+        for module in self._modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+    def _set_everywhere(self, name, value):
+        for module in self._modules:
+            if hasattr(module, name):
+                setattr(module, name, value)
+
+    def __setattr__(self, name, value):
+        self._originals.setdefault(name, getattr(self, name))
+        self._set_everywhere(name, value)
+
+    def __delattr__(self, name):
+        self._set_everywhere(name, self._originals.pop(name))
+
+
 try:
     import triton
     import triton.language as tl
 
-    from wdmctl.scan import triton_scan as ts
+    from wdmctl.scan import triton as triton_backend
+    from wdmctl.scan.triton import common, conv, custom_ops, launch, scan
 
-    if not CUDA and not ts.INTERPRET:  # imported earlier in this process without the interpreter
-        ts = importlib.reload(ts)
+    if not CUDA and not common.INTERPRET:  # imported earlier in this process without the interpreter
+        for module in (common, launch, scan, conv, custom_ops, triton_backend):
+            importlib.reload(module)
+    ts = _Modules(triton_backend, custom_ops, scan, conv, launch, common)
 except ImportError:  # triton is not installed (the CPU venv): every test here skips
     triton = tl = ts = None
 
@@ -349,6 +382,51 @@ def test_interpreter_model_fusions_match_unfused_and_torch(interpreter, small_ch
     check_model_fusions("cpu", scan, depth, monkeypatch)
 
 
+ARCHITECTURE_OPTIONS = [dict(token_order="zigzag"), dict(pad_tokens=2), dict(mixer_conv="2d"),
+                        dict(scan="bidirectional", mixer_conv="2d"),
+                        dict(scan="bidirectional", token_order="zigzag", pad_tokens=1)]
+
+
+def check_options_on_backends(device, options):
+    """Issue 15's architecture options give the same outputs and gradients on every backend: triton (the
+    2-D conv with the column order read in place, zigzag and pads through the model's scan-order copies),
+    triton-unfused and torch."""
+    from wdmctl.models.wdmamba import WDMamba
+
+    torch.manual_seed(0)
+    model = WDMamba(arch="umamba", sample_size=8, in_channels=3, patch_size=2, width=16, depth=2,
+                    num_classes=3, d_state=4, expand=1, **options).to(device)
+    x = torch.randn(2, 3, 8, 6, device=device)   # a 4 x 3 patch grid
+    t, y = torch.tensor([5.0, 700.0], device=device), torch.tensor([0, 3], device=device)
+    results = {}
+    for backend in ("triton", "triton-unfused", "torch"):
+        model.set_scan_backend(backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results[backend] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
+    for backend in ("triton-unfused", "torch"):
+        for fused, other in zip(results["triton"], results[backend]):
+            torch.testing.assert_close(fused, other, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", ARCHITECTURE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_interpreter_architecture_options_match_across_backends(interpreter, small_chunks, monkeypatch, options):
+    from wdmctl.scan import BACKENDS
+
+    for name in ("triton", "triton-unfused"):   # the interpreter runs on CPU tensors
+        monkeypatch.setattr(BACKENDS[name], "is_available", lambda: True)
+        monkeypatch.setattr(BACKENDS[name], "devices", ("cpu",))
+    check_options_on_backends("cpu", options)
+
+
+@pytest.mark.parametrize("options", ARCHITECTURE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
+def test_gpu_architecture_options_match_across_backends(options):
+    check_options_on_backends("cuda", options)
+
+
 def test_interpreter_compiled_mixer_matches_eager(interpreter, small_chunks):
     # conv + scan as a Mamba branch runs them, traced by Dynamo/AOTAutograd: the custom ops stand in
     x = scan_case(10, batch=2, d=5, n=3, layout="model")
@@ -384,7 +462,7 @@ def test_interpreter_compiled_bidirectional_mixer_matches_eager(interpreter, sma
     for fn in (mixer, torch.compile(mixer, backend="aot_eager", fullgraph=True)):
         mixer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        out = fn(xi, reverse=True, column_grid=(2, 3, 4))
+        out = fn(xi, order="column_reverse", grid=(2, 3, 4))
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
         results.append([out.detach(), xi.grad, *(p.grad.clone() for p in mixer.parameters())])
     for eager, compiled in zip(*results):
@@ -612,7 +690,7 @@ def test_gpu_output_layout_and_determinism():
 @pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 def test_gpu_matches_mamba_ssm(dtype, length):
     pytest.importorskip("mamba_ssm")
-    from wdmctl.scan.benchmark import scan_inputs
+    from wdmctl.bench.scan import scan_inputs
 
     x = scan_inputs(4, 256, length, 16, dtype, "model", seed=length)
     dy = torch.randn(4, 256, length, device="cuda", dtype=dtype)

@@ -1,6 +1,6 @@
 """wdmctl: train, sample, score and deploy WD-Mamba diffusion models."""
 
-__version__ = "0.1.0"
+from wdmctl.core.version import __version__  # noqa: F401 - `wdmctl.__version__`
 
 
 def __getattr__(name: str):

@@ -22,38 +22,55 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from wdmctl.core.precision import PRECISIONS
+from wdmctl.diffusion.schedule import BETA_SCHEDULES, SOLVERS
+from wdmctl.diffusion.settings import DEFAULT_CFG, DEFAULT_STEPS
 from wdmctl.errors import WdmError
+from wdmctl.models.presets import preset_config
+from wdmctl.models.wdmamba import CHOICES, WDMamba
 
-PRECISIONS = ("auto", "bf16", "fp16", "no")
+TRAIN_PRECISIONS = ("auto", *PRECISIONS)
 LR_SCHEDULES = ("constant", "cosine")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# values older recipes wrote, and what they mean now
+VALUE_ALIASES = {"train.precision": {"no": "fp32"}}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Schema
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
-class ModelSection:
-    """A preset plus overrides. Unset shape fields come from the cache manifest (in_channels, sample_size,
-    num_classes) or the preset; `resolve` fills every field, so a resolved recipe pins the architecture."""
+# The model's recipe keys are the constructor's arguments: a new argument of `WDMamba.__init__` is a recipe
+# key (and a resolved, hashed part of every run) without being listed anywhere else.
+NOT_RECIPE_KEYS = ("self", "arch", "scan_backend")   # arch comes with the preset; scan_backend is below
 
-    preset: str = "WDM-XL/2"
-    width: int | None = None
-    depth: int | None = None
-    patch_size: int | None = None
-    scan: str | None = None
-    sample_size: int | None = None
-    in_channels: int | None = None
-    num_classes: int | None = None      # 0 trains an unconditional model even on a labelled cache
-    d_state: int | None = None
-    d_conv: int | None = None
-    expand: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    scan_backend: str = "auto"          # runtime choice only: checkpoints run on every backend
+
+def _recipe_type(hint: Any) -> Any:
+    """`hint | None`: every model key may be left unset (the cache manifest or the preset fills it)."""
+    return hint if type(None) in typing.get_args(hint) else hint | None
+
+
+def model_section_class(constructor: Callable[..., Any]) -> type:
+    """The [model] section's dataclass for a model constructor: `preset`, one optional field per constructor
+    argument (typed as annotated, default None), and `scan_backend`."""
+    hints = typing.get_type_hints(constructor)
+    fields = [(name, _recipe_type(hints.get(name, type(param.default))), field(default=None))
+              for name, param in inspect.signature(constructor).parameters.items() if name not in NOT_RECIPE_KEYS]
+    section = dataclasses.make_dataclass("ModelSection", [
+        ("preset", str, field(default="WDM-XL/2")),
+        *fields,
+        ("scan_backend", str, field(default="auto")),   # runtime choice only: checkpoints run on every backend
+    ])
+    section.__doc__ = ("A preset plus overrides of its constructor arguments. Unset fields come from the cache "
+                       "manifest (in_channels, sample_size, num_classes; num_classes = 0 trains an unconditional "
+                       "model even on a labelled cache), then the preset, then the constructor's defaults; "
+                       "`resolve` fills every field, so a resolved recipe pins the architecture.")
+    return section
+
+
+ModelSection = model_section_class(WDMamba.__init__)
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSection) if f.name not in ("preset", "scan_backend"))
 
 
 @dataclass
@@ -90,7 +107,7 @@ class TrainSection:
     grad_accum: int = 1                 # micro-batches per optimizer step
     max_steps: int = 100_000
     seed: int = 0
-    precision: str = "auto"             # auto = bf16 on a CUDA device that supports it, fp32 otherwise
+    precision: str = "auto"             # auto = bf16 on a CUDA device that supports it, fp32 otherwise ("no": fp32)
     label_dropout: float = 0.1          # share of labels replaced by the null class (CFG); conditional only
     compile: bool = False               # torch.compile the denoiser
     gradient_checkpointing: bool = False
@@ -111,8 +128,8 @@ class EmaSection:
 class SampleSection:
     """The EMA sample grid written during training, and the defaults `wdmctl sample` reads from a checkpoint."""
 
-    steps: int = 50
-    cfg: float = 1.0                    # guidance w: uncond + w * (cond - uncond); 1 = off
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG            # guidance w: uncond + w * (cond - uncond); 1 = off
     solver: str = "auto"                # auto = dpm++2m with guidance, dpm++3m without
     every: int = 5000                   # grid interval in steps (0 = only at the end)
     grid_n: int = 64
@@ -126,8 +143,8 @@ class FidSection:
     num: int = 50_000
     ref: str = ""                       # reference: a stats .npz, an image folder/archive, or `digits`
     resolution: int = 0                 # 0 = the cache's image resolution
-    steps: int = 50
-    cfg: float = 1.0
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
     solver: str = "auto"                # auto = dpm++2m with guidance, dpm++3m without
 
 
@@ -191,8 +208,10 @@ def _suggest(name: str, candidates: list[str]) -> str:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is list:
+    if typing.get_origin(hint) in (list, tuple):
         return f"a list of {_PLURAL.get(typing.get_args(hint)[0], 'values')}"
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
@@ -238,6 +257,18 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise TypeError
+        return tuple(_coerce(v, k) for v, k in zip(value, kinds))
+    if origin is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise TypeError
     raise TypeError
 
 
@@ -258,6 +289,8 @@ def _set_key(recipe: Recipe, section: str, key: str, value: Any, where: str) -> 
         coerced = _coerce(value, hints[key])
     except TypeError:
         raise WdmError(f"{where}: {section}.{key} must be {_type_name(hints[key])}, got {_value_desc(value)}") from None
+    if f"{section}.{key}" in VALUE_ALIASES:
+        coerced = VALUE_ALIASES[f"{section}.{key}"].get(coerced, coerced)
     setattr(getattr(recipe, section), key, coerced)
 
 
@@ -324,10 +357,6 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Range and choice checks that do not need the cache. Messages name the key and the allowed range."""
-    from wdmctl.diffusion import SOLVERS
-    from wdmctl.models.presets import preset_config
-    from wdmctl.models.wdmamba import SCAN_MODES
-
     m, d, df, o, t, e, s, f, lg = (recipe.model, recipe.data, recipe.diffusion, recipe.optim, recipe.train,
                                     recipe.ema, recipe.sample, recipe.fid, recipe.log)
     preset_config(m.preset)  # unknown preset: one-line error with a suggestion
@@ -337,7 +366,10 @@ def validate(recipe: Recipe) -> None:
         _check(value is None or value >= 1, f"model.{key} must be >= 1, got {value}")
     _check(m.num_classes is None or m.num_classes >= 0, f"model.num_classes must be >= 0, got {m.num_classes}")
     _check(m.mlp_ratio is None or m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
-    _check(m.scan is None or m.scan in SCAN_MODES, f"model.scan must be one of {', '.join(SCAN_MODES)}, got {m.scan!r}")
+    for key, allowed in CHOICES.items():
+        value = getattr(m, key, None)
+        _check(value is None or value in allowed, f"model.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    _check(m.pad_tokens is None or m.pad_tokens >= 0, f"model.pad_tokens must be >= 0, got {m.pad_tokens}")
     _check(bool(m.scan_backend), "model.scan_backend must not be empty (use \"auto\")")
     _check(bool(d.cache), "data.cache is required: the folder written by `wdmctl cache` (see the recipe's comments)")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
@@ -360,7 +392,8 @@ def validate(recipe: Recipe) -> None:
            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     _check(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     _check(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
-    _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check(t.precision in TRAIN_PRECISIONS,
+           f"train.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {t.precision!r}")
     _check(0 <= t.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
@@ -388,13 +421,7 @@ def validate(recipe: Recipe) -> None:
 # Resolution against the cache manifest
 # ----------------------------------------------------------------------------------------------------
 
-MODEL_SHAPE_KEYS = ("width", "depth", "patch_size", "scan", "sample_size", "in_channels", "num_classes",
-                    "d_state", "d_conv", "expand", "num_heads", "mlp_ratio")
-
-
 def _constructor_defaults() -> dict[str, Any]:
-    from wdmctl.models.wdmamba import WDMamba
-
     params = inspect.signature(WDMamba.__init__).parameters
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
@@ -403,11 +430,9 @@ def resolve(recipe: Recipe, manifest: dict[str, Any] | None) -> Recipe:
     """A copy of `recipe` with every model field filled: explicit settings, then the cache manifest
     (channels, size, classes), then the preset, then the model's defaults. Refuses a manifest that
     contradicts explicit settings. `manifest` None (no cache yet, e.g. a dry run) fills from the preset."""
-    from wdmctl.models.presets import preset_config
-
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model))
     m = recipe.model
-    explicit = {k: getattr(m, k) for k in MODEL_SHAPE_KEYS if getattr(m, k) is not None}
+    explicit = {k: getattr(m, k) for k in MODEL_KEYS if getattr(m, k) is not None}
     from_data: dict[str, Any] = {}
     if manifest is not None:
         channels, height, width = (int(v) for v in manifest["latent_shape"])
@@ -428,7 +453,7 @@ def resolve(recipe: Recipe, manifest: dict[str, Any] | None) -> Recipe:
             raise WdmError(f"model.num_classes = {wanted} contradicts the data: the cache {recipe.data.cache} has "
                            f"{kind}; remove model.num_classes (or set 0 to train unconditionally)")
     full = {**_constructor_defaults(), **preset_config(m.preset), **from_data, **explicit}
-    for key in MODEL_SHAPE_KEYS:
+    for key in MODEL_KEYS:
         setattr(m, key, full[key])
     if m.sample_size % m.patch_size:
         raise WdmError(f"model.patch_size {m.patch_size} does not divide the sample size {m.sample_size}")
@@ -444,7 +469,7 @@ def resolve(recipe: Recipe, manifest: dict[str, Any] | None) -> Recipe:
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:
     """Constructor arguments of the (resolved) recipe's model, for `build_model(preset, **kwargs)`.
     The scan backend is a runtime choice and stays "auto" in the saved config."""
-    return {k: getattr(recipe.model, k) for k in MODEL_SHAPE_KEYS if getattr(recipe.model, k) is not None}
+    return {k: getattr(recipe.model, k) for k in MODEL_KEYS if getattr(recipe.model, k) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,7 +483,7 @@ def to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
 
 
 def to_toml(recipe: Recipe) -> str:
-    import tomli_w
+    import tomli_w  # here: only writing a run's recipe.toml needs it
 
     return tomli_w.dumps(to_dict(recipe))
 

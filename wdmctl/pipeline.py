@@ -7,7 +7,7 @@
       scheduler/scheduler_config.json      the DDPM training schedule
       wdmctl.json                          autoencoder reference (from the cache manifest), classes,
                                            latent shape, the recipe's sampling defaults, step, provenance
-      integrity.json                       size + sha256 of every file above, written last (wdmctl.integrity)
+      integrity.json                       size + sha256 of every file above, written last (wdmctl.core.integrity)
 
 The trainer writes one per checkpoint (`checkpoints/step-NNNNNNN/pipeline/`); `WDMambaPipeline`
 reads and writes the same layout.
@@ -23,10 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from wdmctl.core.disk_full import note_failed_file
+from wdmctl.core.integrity import require_intact, write_integrity
+from wdmctl.core.io import write_json_atomic
+from wdmctl.diffusion.sampler import sample_images
+from wdmctl.diffusion.settings import labels_for, resolve_classes, sampling_defaults
 from wdmctl.errors import WdmError, first_line
-from wdmctl.integrity import require_intact, write_integrity
+from wdmctl.models.loading import load_model
 
 META_FILE = "wdmctl.json"
+EMA_DIR = "denoiser"                                  # the EMA weights: what sampling uses by default
+ONLINE_DIR = "denoiser_online"                        # the raw weights (--no-ema; training resumes from them)
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
 LOAD_HINT = "this model folder is damaged: use another checkpoint (--checkpoint STEP) or a good copy"
 
 
@@ -53,23 +63,6 @@ class SavedPipeline:
         return dict(self.meta.get("autoencoder") or {"spec": "none"})
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], online_model=None,
                   overwrite: bool = False) -> Path:
     """Write the folder atomically (into a temporary sibling, then rename)."""
@@ -79,9 +72,9 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
-        model.save_pretrained(tmp / "denoiser", safe_serialization=True)
+        model.save_pretrained(tmp / EMA_DIR, safe_serialization=True)
         if online_model is not None:
-            online_model.save_pretrained(tmp / "denoiser_online", safe_serialization=True)
+            online_model.save_pretrained(tmp / ONLINE_DIR, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         write_json_atomic(tmp / "model_index.json", {
             "_class_name": "WDMambaPipeline",
@@ -94,7 +87,8 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as err:
+        note_failed_file(err, tmp)  # a full disk's one-line error names the file after tmp is gone
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
@@ -109,19 +103,16 @@ def require_intact_pipeline(folder: str | Path, full: bool = True) -> None:
 
 def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None) -> SavedPipeline:
     """Load a folder written by `save_pipeline` (safetensors only: no pickle on this path)."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from wdmctl.models.loading import load_model
+    from diffusers import DDPMScheduler  # here: diffusers' import is slow and not every caller loads a folder
 
     folder = Path(folder)
-    if not (folder / "denoiser" / "config.json").exists():
-        raise WdmError(f"{folder} is not a wdmctl model folder (no denoiser/config.json)")
-    sub = "denoiser"
+    if not (folder / EMA_DIR / "config.json").exists():
+        raise WdmError(f"{folder} is not a wdmctl model folder (no {EMA_DIR}/config.json)")
+    sub = EMA_DIR
     if not ema:
-        if not (folder / "denoiser_online").exists():
+        if not (folder / ONLINE_DIR).exists():
             raise WdmError(f"{folder} holds only EMA weights; drop --no-ema")
-        sub = "denoiser_online"
+        sub = ONLINE_DIR
     require_intact_pipeline(folder)
     try:
         model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
@@ -174,10 +165,8 @@ def _pipeline_class():
         def __call__(self, num_images: int = 1, class_labels=None, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
                      batch_size: int = 16, precision: str = "fp32"):
-            from wdmctl.sampling import labels_for, resolve_classes, sample_images, sampling_defaults
-
             num_classes = int(self.denoiser.config.num_classes)
-            defaults = sampling_defaults(self.wdmctl_meta, num_classes > 0)
+            defaults = sampling_defaults(self.wdmctl_meta)
             classes = resolve_classes([str(c) for c in class_labels] if class_labels is not None else None,
                                       num_classes, self.wdmctl_meta.get("class_names") or [])
             seeds = list(range(seed, seed + num_images))

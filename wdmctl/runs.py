@@ -5,9 +5,8 @@
       log.txt  stats.jsonl  loss.png      log lines, one JSON record per log interval, the loss curve
       tb/                                 TensorBoard events (when tensorboard is installed)
       samples/grid-NNNNNNN.png            EMA samples from fixed noise and labels
-      checkpoints/step-NNNNNNN/           accelerate save_state (model, optimizer, EMA, step, RNG) plus
-        pipeline/                         the from_pretrained folder that sample/fid/export read
-        meta.json                         step, images seen, recipe hash
+      checkpoints/step-NNNNNNN/           weights, EMA, optimizer state and counters (wdmctl.train.checkpoint),
+        pipeline/                         the weights inside the from_pretrained folder that sample/fid/export read
 
 A checkpoint folder is written under a temporary dot-name and renamed when complete, so every
 `step-*` folder is whole; dot-folders are leftovers of an interrupted save and are ignored.
@@ -134,10 +133,22 @@ def checkpoint_pipeline(run_dir: str | Path, checkpoint: str | int = "latest") -
     return pipeline
 
 
+def resolve_pipeline_dir(run: str | None = None, model: str | None = None, checkpoint: str = "latest") -> Path:
+    """--model DIR wins; otherwise the checkpoint of --run (default: the newest run under ./runs)."""
+    if run and model:
+        raise WdmError("give --run or --model, not both")
+    if model:
+        path = Path(model)
+        if not (path / "denoiser" / "config.json").exists():
+            raise WdmError(f"--model {model}: not a wdmctl model folder (no denoiser/config.json)")
+        return path
+    return checkpoint_pipeline(find_run(run), checkpoint)
+
+
 def resolve_checkpoint_arg(resume: str | Path) -> Path:
     """`--resume PATH`: a checkpoint folder, or a run folder (its latest checkpoint)."""
     path = Path(resume)
-    if CHECKPOINT_NAME.match(path.name) and (path / "meta.json").exists():
+    if CHECKPOINT_NAME.match(path.name) and path.is_dir():
         return path
     if path.is_dir() and (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 
 from wdmctl.cli.app import app
+from wdmctl.errors import WdmError
 # command modules register themselves on import; keep this list sorted
 from wdmctl.cli import bench as _bench  # noqa: F401,E402
-from wdmctl.cli import bench_scan as _bench_scan  # noqa: F401,E402
-from wdmctl.cli import bench_train as _bench_train  # noqa: F401,E402
 from wdmctl.cli import cache as _cache  # noqa: F401,E402
 from wdmctl.cli import export as _export  # noqa: F401,E402
 from wdmctl.cli import fid as _fid  # noqa: F401,E402
@@ -20,8 +19,6 @@ from wdmctl.cli import train as _train  # noqa: F401,E402
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a WdmError becomes one line on stderr and a non-zero exit."""
-    from wdmctl.errors import WdmError
-
     try:
         app(args=argv, standalone_mode=True)
     except WdmError as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wdmctl import __version__
+from wdmctl.core.version import __version__
 
 app = typer.Typer(
     name="wdmctl",

@@ -1,30 +1,50 @@
-"""`wdmctl bench ...`: GPU benchmarks that write JSON naming the device, baselines measured in the same run.
+"""`wdmctl bench ...`: benchmarks that print (and with --out write) JSON naming the device, baselines measured
+in the same run. Every sub-command is here except `bench cache`, which lives with `wdmctl cache`.
 
-Each benchmark registers its own sub-command on `bench_app` from the module that owns the code it times.
+Library imports are inside the commands: they pull in torch, and `wdmctl --help` must start without it.
 """
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import typer
 
+from wdmctl.cli import options
 from wdmctl.cli.app import app
+from wdmctl.core.precision import PRECISIONS
+from wdmctl.errors import WdmError
 
 bench_app = typer.Typer(help="Benchmarks (JSON output naming the GPU; baselines from the same run).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-PRESETS_HELP = "Comma-separated presets (random weights)."
-UVIT_HELP = "Also time each WD-Mamba preset's same-size U-ViT."
+DEFAULT_DENOISER_PRESETS = ["WDM-B/2", "WDM-XL/2"]
 
 
-SCAN_HELP = ("Scan mode of the Mamba presets: their own (cycle: one direction per block) or bidirectional "
-             "(both directions in every block; U-ViT runs are unaffected).")
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def parse_cuda_graphs(text: str) -> list[bool]:
+    """`--cuda-graphs off|on|off,on` -> [False], [True], [False, True]."""
+    modes = {"off": False, "on": True}
+    words = _words(text)
+    if not words or any(w not in modes for w in words):
+        raise WdmError(f"--cuda-graphs takes off, on or off,on, not {text!r}")
+    return [modes[w] for w in words]
+
+
+def _precisions(text: str, option: str) -> list[str]:
+    words = _words(text)
+    if not words or any(w not in PRECISIONS for w in words):
+        raise WdmError(f"{option} takes {', '.join(PRECISIONS)} (comma-separated), not {text!r}")
+    return words
 
 
 def scan_overrides(scan: str | None, runs: list[tuple[str, str]]) -> dict[str, dict]:
     """Model overrides per preset for --scan (checked here, before any run): none for the presets' own mode
     or a U-ViT, else {"scan": mode}."""
-    from wdmctl.errors import WdmError
     from wdmctl.models.wdmamba import SCAN_MODES
 
     if scan is not None and scan not in SCAN_MODES:
@@ -41,14 +61,205 @@ def _is_uvit(name: str) -> bool:
 def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], attention: str | None):
     """(preset, scan backend) pairs to time: each preset with every wanted backend that is available, and its
     same-size U-ViT once (it has no scan: `attention` stands in for the backend)."""
-    from wdmctl.models.presets import SAME_SIZE_UVIT
+    from wdmctl.models.presets import SAME_SIZE_UVIT, preset_config
 
-    names = [p.strip() for p in presets.split(",") if p.strip()]
+    names = _words(presets)
+    for name in names:
+        preset_config(name)  # an unknown preset: one line, before any run
     if uvit:
         names += [SAME_SIZE_UVIT[p] for p in names if p in SAME_SIZE_UVIT and SAME_SIZE_UVIT[p] not in names]
-    wanted = [b.strip() for b in backends.split(",") if b.strip()]
+    wanted = _words(backends)
     runs = []
     for name in names:
         scans = [attention] if _is_uvit(name) else [b for b in wanted if b in usable]
         runs += [(name, backend) for backend in scans]
     return runs, [b for b in wanted if b not in usable]
+
+
+def _device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@bench_app.command("model")
+def bench_model(
+    presets: str = options.PRESETS,
+    uvit: bool = options.UVIT,
+    backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
+    batch: int = typer.Option(64, min=1, help="Batch size."),
+    resolution: int = typer.Option(None, min=2, help="Latent side (default: the preset's, 32 = 256 px with SD-VAE)."),
+    iters: int = typer.Option(10, min=1, help="Timed iterations (median reported)."),
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """Forward and train-step images/s and peak memory per preset and scan backend, U-ViT beside it."""
+    from wdmctl.bench.model import benchmark_model
+    from wdmctl.core.device import write_json
+    from wdmctl.scan import available_backends
+
+    runs, skipped = preset_runs(presets, uvit, backends, available_backends(_device_type()), attention=None)
+    rows = [benchmark_model(preset, backend, batch, resolution, iters=iters) for preset, backend in runs]
+    typer.echo(write_json(out, {"benchmark": "model", "results": rows, "skipped_backends": skipped}))
+
+
+@bench_app.command("train")
+def bench_train(
+    presets: str = options.PRESETS,
+    uvit: bool = options.UVIT,
+    backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
+    scan: Optional[str] = options.SCAN,
+    batch: int = typer.Option(32, min=1, help="Images per training step."),
+    resolution: int = options.LATENT_SIDE,
+    precision: str = typer.Option("bf16", help=f"Autocast precision: {', '.join(PRECISIONS)}."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser."),
+    cuda_graphs: str = options.CUDA_GRAPHS,
+    profile: bool = typer.Option(False, "--profile", help="Add where each step's GPU time goes, by kernel category "
+                                 "(scan, conv1d, GEMM, attention, optimizer, ...), and how busy the GPU was."),
+    iters: int = typer.Option(10, min=1, help="Timed steps (median reported)."),
+    warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """Images/s and peak memory of a full training step (loss, backward, clipping, AdamW) per preset and
+    scan backend; an out-of-memory configuration is reported as such, not fatal."""
+    import torch
+
+    from wdmctl.bench.train import benchmark_train_step
+    from wdmctl.core.device import write_json
+    from wdmctl.errors import first_line
+    from wdmctl.scan import available_backends
+
+    device = _device_type()
+    graph_modes = parse_cuda_graphs(cuda_graphs)
+    _precisions(precision, "--precision")
+    if any(graph_modes) and device != "cuda":
+        raise WdmError("--cuda-graphs on needs a CUDA device")
+    runs, skipped = preset_runs(presets, uvit, backends, available_backends(device), attention="auto")
+    overrides = scan_overrides(scan, runs)
+    rows, notes = [], [f"scan backend {b} is not available on {device}: skipped" for b in skipped]
+    for (name, backend), graphed in ((run, g) for run in runs for g in graph_modes):
+        try:
+            rows.append(benchmark_train_step(name, backend, batch, resolution, precision, iters, warmup,
+                                             gradient_checkpointing, compile, profile=profile, cuda_graph=graphed,
+                                             **overrides[name]))
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"preset": name, "backend": backend, "batch_size": batch, "cuda_graph": graphed,
+                         "error": "out of memory"})
+        except Exception as err:  # noqa: BLE001 - a configuration torch.compile cannot handle is a result too
+            if not compile:
+                raise
+            rows.append({"preset": name, "backend": backend, "batch_size": batch, "compile": True,
+                         "error": f"torch.compile failed: {type(err).__name__}: {first_line(err, 300)}"})
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    typer.echo(write_json(out, {"benchmark": "train", "results": rows, "notes": notes}))
+
+
+@bench_app.command("sample")
+def bench_sample(
+    presets: str = options.PRESETS,
+    uvit: bool = options.UVIT,
+    backends: str = typer.Option("mamba_ssm,triton", help="Scan backends (unavailable ones are skipped)."),
+    scan: Optional[str] = options.SCAN,
+    batch: int = typer.Option(64, min=1, help="Images per batch."),
+    resolution: int = options.LATENT_SIDE,
+    steps: int = typer.Option(50, min=1, help="Solver steps."),
+    cfgs: str = typer.Option("1.0,1.5", help="Guidance weights to time (1 = unguided, one pass per step)."),
+    precisions: str = typer.Option("bf16,fp32", help="Denoiser precisions to time."),
+    iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; one untimed first)."),
+    cuda_graphs: str = options.CUDA_GRAPHS,
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """Sampling throughput (images/s over --steps solver steps) per preset, scan backend, guidance and precision."""
+    from wdmctl.bench.sample import benchmark_sampling
+    from wdmctl.core.device import write_json
+    from wdmctl.scan import available_backends
+
+    runs, skipped = preset_runs(presets, uvit, backends, available_backends(_device_type()), attention=None)
+    overrides = scan_overrides(scan, runs)
+    graph_modes = parse_cuda_graphs(cuda_graphs)
+    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution, graph,
+                               **overrides[preset])
+            for preset, backend in runs for cfg in _words(cfgs) for precision in _precisions(precisions, "--precisions")
+            for graph in graph_modes]
+    typer.echo(write_json(out, {"benchmark": "sample", "results": rows, "skipped_backends": skipped}))
+
+
+@bench_app.command("scan")
+def bench_scan(
+    shapes: str = typer.Option("64x1024x258,64x3072x258,64x1024x1026,64x3072x1026",
+                               help="Comma-separated batch x d_inner x L shapes."),
+    d_state: int = typer.Option(16, min=1, help="N, the state size."),
+    precision: str = typer.Option("bf16", "--precision", help=f"Input precision: {', '.join(PRECISIONS)}."),
+    backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
+    iters: int = typer.Option(10, min=1, help="Timed groups of 5 back-to-back calls (median per call reported)."),
+    profile: bool = typer.Option(True, help="Add a per-kernel GPU-time profile of the triton backend."),
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """Scan forward and forward+backward ms and GB/s of essential traffic (z gating, softplus, D skip),
+    every backend in one run; causal conv1d + SiLU beside it."""
+    from wdmctl.bench.scan import benchmark_scan
+    from wdmctl.core.device import write_json
+    from wdmctl.core.precision import torch_dtype
+
+    if _device_type() != "cuda":
+        raise WdmError("`wdmctl bench scan` needs a CUDA GPU")
+    dtype = torch_dtype(precision)
+    try:
+        parsed = [tuple(int(v) for v in s.lower().split("x")) for s in _words(shapes)]
+    except ValueError:
+        parsed = []
+    if not parsed or any(len(s) != 3 or min(s) < 1 for s in parsed):
+        raise WdmError(f"--shapes must look like 64x3072x258[,...], not {shapes!r}")
+    payload = benchmark_scan(parsed, n=d_state, dtype=dtype, iters=iters, backends=tuple(_words(backends)),
+                             profile=profile)
+    typer.echo(write_json(out, payload))
+
+
+@bench_app.command("inception")
+def bench_inception(
+    batch_size: int = typer.Option(200, "--batch-size", min=1, help="Images per batch."),
+    resolution: int = typer.Option(256, "--resolution", min=8, help="Input image size (resized to 299)."),
+    iters: int = typer.Option(10, "--iters", min=1, help="Timed batches (median reported)."),
+    inception: Optional[str] = options.INCEPTION,
+    device: Optional[str] = options.DEVICE,
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """FID Inception throughput (images/s): uint8 batch to features, and the network alone."""
+    from wdmctl.bench.inception import benchmark_throughput
+    from wdmctl.core.device import write_json
+    from wdmctl.fid.inception import load_inception
+
+    extractor = load_inception(inception, device, batch_size)
+    payload = benchmark_throughput(extractor, resolution=resolution, batch_size=batch_size, iters=iters)
+    payload["torch_device"] = str(extractor.device)
+    typer.echo(write_json(out, payload))
+
+
+@bench_app.command("denoiser")
+def bench_denoiser(
+    presets: Optional[List[str]] = typer.Option(None, "--preset", help="Model preset with random weights (repeat; default: WDM-B/2 and WDM-XL/2)."),
+    model: Optional[str] = options.MODEL,
+    batch_size: int = typer.Option(8, min=1, help="Images per batch; conditional models run the guidance batch, 2x this."),
+    resolution: Optional[int] = typer.Option(None, help="Input side (default: the model's trained size, 32 latents = 256 px)."),
+    dtype: str = typer.Option("fp16", help=f"{' | '.join(PRECISIONS)}, for every backend."),
+    scan: str = typer.Option("chunked", help="chunked | sequential: the exported (and compiled) scan form."),
+    chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of the chunked scan (default: the scan's own)."),
+    backends: str = typer.Option("eager,eager-torch-scan,compile,onnxruntime,tensorrt", help="Comma-separated subset of: eager, eager-torch-scan, compile, onnxruntime, tensorrt."),
+    steps: int = typer.Option(50, min=1, help="Solver steps of the timed sampling run."),
+    warmup: int = typer.Option(3, min=0, help="Untimed calls before timing."),
+    iters: int = typer.Option(20, min=1, help="Timed denoiser calls (the median is reported)."),
+    work_dir: Optional[str] = typer.Option(None, help="Where the ONNX exports go (reused when they match; default: a temporary folder)."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """Latency per denoiser call and N-step sampling time per backend, same shapes, same run (JSON)."""
+    from wdmctl.export.benchmark import DenoiserBench, run_denoiser_bench
+
+    chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
+    bench = DenoiserBench(presets=presets or ([] if model else DEFAULT_DENOISER_PRESETS), model=model,
+                          batch_size=batch_size, resolution=resolution, dtype=dtype, scan=scan,
+                          backends=_words(backends), steps=steps, warmup=warmup, iters=iters, work_dir=work_dir,
+                          device=device, **chunk)
+    typer.echo(run_denoiser_bench(bench, out))

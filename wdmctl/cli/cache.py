@@ -1,6 +1,6 @@
 """`wdmctl cache SRC --out DIR`: encode an image dataset into the latent cache training reads;
-`wdmctl cache verify DIR`: check every shard against the manifest; `wdmctl bench cache`: encoder throughput. Parsing and printing only; the work is in wdmctl.data.cache
-and wdmctl.autoencoders."""
+`wdmctl cache verify DIR`: check every shard against the manifest; `wdmctl bench cache`: encoder throughput.
+Parsing and printing only; the work is in wdmctl.data.cache and wdmctl.bench.cache."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def verify(
     cache_dir: Path = typer.Argument(..., help="The cache folder (holding manifest.json)."),
 ) -> None:
     """Check every shard against the manifest (size, safetensors framing, sha256) and name the bad ones."""
-    from wdmctl.data.cache_integrity import verify_cache
+    from wdmctl.data.cache import verify_cache
 
     checked = verify_cache(cache_dir)
     how = "size, framing and sha256" if checked["hashed"] else \
@@ -152,8 +152,8 @@ def bench_cache(
     """Encoding throughput (images/s) of an SD-VAE-sized AutoencoderKL and of TAEF2."""
     import torch
 
-    from wdmctl.autoencoders import benchmark_encode
-    from wdmctl.bench import write_json
+    from wdmctl.bench.cache import benchmark_encode
+    from wdmctl.core.device import write_json
 
     payload = benchmark_encode(str(taef2) if taef2 else None, resolution, batch_size,
                                getattr(torch, dtype.value), warmup=min(3, iters), iters=iters)

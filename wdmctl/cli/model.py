@@ -1,14 +1,13 @@
-"""`wdmctl model ...`: inspect presets and saved models."""
+"""`wdmctl model ...`: inspect presets and saved models. Library imports are inside the commands: they pull in
+torch."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
 from wdmctl.cli.app import app
-from wdmctl.cli.bench import bench_app
 
 model_app = typer.Typer(help="Inspect model presets and saved models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -56,36 +55,3 @@ def list_presets() -> None:
 
     for name, cfg in PRESETS.items():
         typer.echo(f"{name:12s} arch={cfg['arch']:8s} width={cfg['width']}")
-
-
-@bench_app.command("model")
-def bench_model(
-    presets: str = typer.Option("WDM-B/2,WDM-XL/2", help="Comma-separated presets; each gets its same-size U-ViT too."),
-    backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
-    batch: int = typer.Option(64, min=1, help="Batch size."),
-    resolution: int = typer.Option(None, min=2, help="Latent side (default: the preset's, 32 = 256 px with SD-VAE)."),
-    iters: int = typer.Option(10, min=1, help="Timed iterations (median reported)."),
-    out: str = typer.Option(None, help="Also write the JSON here."),
-) -> None:
-    """Forward and train-step images/s and peak memory per preset and scan backend, U-ViT beside it."""
-    from wdmctl.bench import benchmark_model, write_json
-    from wdmctl.models.presets import SAME_SIZE_UVIT, preset_config
-    from wdmctl.scan import available_backends
-
-    device_type = "cuda" if _cuda() else "cpu"
-    usable = available_backends(device_type)
-    wanted = [b.strip() for b in backends.split(",") if b.strip()]
-    rows, skipped = [], [b for b in wanted if b not in usable]
-    for preset in [p.strip() for p in presets.split(",") if p.strip()]:
-        preset_config(preset)  # validates the name
-        for backend in [b for b in wanted if b in usable]:
-            rows.append(benchmark_model(preset, backend, batch, resolution, iters=iters))
-        if preset in SAME_SIZE_UVIT:
-            rows.append(benchmark_model(SAME_SIZE_UVIT[preset], None, batch, resolution, iters=iters))
-    typer.echo(write_json(out, {"benchmark": "model", "results": rows, "skipped_backends": skipped}))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

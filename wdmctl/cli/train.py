@@ -1,4 +1,5 @@
-"""`wdmctl train RECIPE`: parse and validate, then hand over to `wdmctl.training.train`."""
+"""`wdmctl train RECIPE`: parse and validate, then hand over to `wdmctl.train.trainer.train`.
+Library imports are inside the command: they pull in torch."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def train_command(
       accelerate launch --num_processes 8 -m wdmctl train recipes/imagenet256.toml
     """
     from wdmctl import config
-    from wdmctl.training import plan_run, train
+    from wdmctl.train.plan import plan_run
+    from wdmctl.train.trainer import train
 
     overrides = list(sets or [])
     if max_steps is not None:

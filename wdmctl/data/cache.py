@@ -38,12 +38,13 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from wdmctl.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
-from wdmctl.data.cache_integrity import recorded, recorded_shards, require_intact_shards, shard_record
+from wdmctl.core.integrity import file_problem
+from wdmctl.core.io import write_json_atomic
+from wdmctl.core.version import __version__
+from wdmctl.data.cache_integrity import recorded, recorded_shards, require_intact_shards, shard_record, verify_shards
+from wdmctl.models.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
 from wdmctl.data.sources import center_crop_resize, open_source
 from wdmctl.errors import WdmError
-from wdmctl.integrity import file_problem
-from wdmctl.pipeline import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "wdmctl-latent-cache"
@@ -298,8 +299,6 @@ def _prepare_out(out: Path, build: dict, overwrite: bool, process: _Process) -> 
 def _manifest(src: str, source, autoencoder, build: dict, resolution: int, flip: bool, shard_size: int,
               shards: list[dict] | None) -> dict[str, Any]:
     """manifest.json; `shards` None while the build is in progress (the reader refuses it then)."""
-    from wdmctl import __version__
-
     entries = shards or []
     skipped = [s for entry in entries for s in entry["skipped"]]
     return {
@@ -389,7 +388,7 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     build = _build_identity(source, autoencoder, resolution, flip, shard_size, dtype)
     build_hash = _build_hash(build)
     _prepare_out(out, build, overwrite, process)
-    previous = recorded_shards(out)  # size + sha256 of the shards a finished build of these settings wrote
+    previous = recorded_shards(out / MANIFEST)  # size + sha256 of the shards a finished build of these settings wrote
     verified: dict[str, dict[str, Any]] = {}
     if process.is_main and not (out / MANIFEST).exists():
         write_json_atomic(out / MANIFEST, _manifest(src, source, autoencoder, build, resolution, flip,
@@ -481,6 +480,12 @@ def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise WdmError(f"{path} lacks {', '.join(missing)}; rebuild the cache with `wdmctl cache --overwrite`")
     return manifest
+
+
+def verify_cache(cache_dir: str | Path, full: bool = True) -> dict[str, Any]:
+    """Every shard of a finished cache against its manifest (`wdmctl cache verify DIR`, `train --verify`):
+    one-line error naming the bad shards; see wdmctl.data.cache_integrity.verify_shards."""
+    return verify_shards(cache_dir, load_manifest(cache_dir)["shards"], full)
 
 
 class LatentDataset(torch.utils.data.Dataset):

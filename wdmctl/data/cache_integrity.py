@@ -5,10 +5,11 @@ records gets the framing check only, which still catches a cut-short shard."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from wdmctl.integrity import CorruptFile, file_problem, file_record
+from wdmctl.core.integrity import CorruptFile, file_problem, file_record
 
 SHOWN_BAD_SHARDS = 5
 REPAIR_HINT = ("rerun the `wdmctl cache` command that built it: it re-encodes only the bad shards "
@@ -44,27 +45,20 @@ def require_intact_shards(cache_dir: str | Path, shards: list[dict[str, Any]], f
     raise CorruptFile(f"{which}; {REPAIR_HINT}")
 
 
-def verify_cache(cache_dir: str | Path, full: bool = True) -> dict[str, Any]:
-    """Every shard against the manifest, hashes included with `full` (`wdmctl cache verify DIR`, `train
-    --verify`; training's default is the cheap check). Returns what was checked ({"shards", "bytes", "hashed"}:
-    hashed False when not `full` or for a cache whose manifest has no shard hashes)."""
-    from wdmctl.data.cache import load_manifest
-
-    shards = load_manifest(cache_dir)["shards"]
+def verify_shards(cache_dir: str | Path, shards: list[dict[str, Any]], full: bool = True) -> dict[str, Any]:
+    """Every shard of the manifest's `shards` list, hashes included with `full` (training's default is the
+    cheap check). Returns what was checked ({"shards", "bytes", "hashed"}: hashed False when not `full` or for a
+    cache whose manifest has no shard hashes)."""
     require_intact_shards(cache_dir, shards, full=full)
     return {"shards": len(shards), "bytes": sum((Path(cache_dir) / s["file"]).stat().st_size for s in shards),
             "hashed": full and all(recorded(s) is not None for s in shards)}
 
 
-def recorded_shards(cache_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """{shard file: manifest entry} of the manifest in `cache_dir`, {} when there is none or it is unreadable
+def recorded_shards(manifest_path: Path) -> dict[str, dict[str, Any]]:
+    """{shard file: manifest entry} of the manifest at `manifest_path`, {} when there is none or it is unreadable
     (then a rerun trusts each shard's own header and framing, as before shards had records)."""
-    import json
-
-    from wdmctl.data.cache import MANIFEST
-
     try:
-        manifest = json.loads((Path(cache_dir) / MANIFEST).read_text())
+        manifest = json.loads(manifest_path.read_text())
         return {entry["file"]: entry for entry in manifest.get("shards") or []}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}

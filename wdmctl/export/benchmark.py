@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import re
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from wdmctl.core.hashing import state_dict_sha256
 from wdmctl.errors import WdmError, first_line
 from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, prepare_for_export,
                                        source_identity)
@@ -52,15 +52,6 @@ class DenoiserBench:
     iters: int = 20
     work_dir: str | None = None
     device: str | None = None
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """A fingerprint of in-memory weights (random-weight presets have no file to hash)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _models(bench: DenoiserBench):
@@ -103,7 +94,7 @@ def _no_grad(fn: Callable) -> Callable:
 def _make_denoiser(backend: str, model, settings: ExportSettings, export_dir: Path, device: torch.device):
     """(denoise(x, t, y), description) for one backend."""
     if backend == "eager":
-        from wdmctl.sampling import model_denoiser
+        from wdmctl.diffusion.sampler import model_denoiser
         from wdmctl.scan import resolve_backend
 
         eager = copy.deepcopy(model).to(device).eval()
@@ -132,8 +123,8 @@ def _make_denoiser(backend: str, model, settings: ExportSettings, export_dir: Pa
 
 def _sampling_seconds(denoise: Callable, config, settings: ExportSettings, steps: int, device: torch.device) -> float:
     """Wall time of one `steps`-step sampling run of `batch_size` images (guided when conditional)."""
-    from wdmctl.diffusion import default_solver, make_noise_scheduler, make_sampler
-    from wdmctl.sampling import denoise_loop
+    from wdmctl.diffusion.sampler import denoise_loop
+    from wdmctl.diffusion.schedule import default_solver, make_noise_scheduler, make_sampler
 
     conditional = config.num_classes > 0
     sampler = make_sampler(dict(make_noise_scheduler().config), default_solver(conditional))
@@ -151,7 +142,7 @@ def _sampling_seconds(denoise: Callable, config, settings: ExportSettings, steps
 
 def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, settings: ExportSettings,
                   bench: DenoiserBench, device: torch.device) -> dict[str, Any]:
-    from wdmctl.bench import peak_memory_gib, time_fn
+    from wdmctl.core.timing import peak_memory_gib, time_fn
 
     x, t, *rest = (v.to(device) for v in inputs)
     y = rest[0] if rest else None
@@ -212,7 +203,7 @@ def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench,
 
 def run_denoiser_bench(bench: DenoiserBench, out: str | None = None) -> str:
     """Run the benchmark; returns the JSON text (and writes it to `out` when given)."""
-    from wdmctl.bench import write_json
+    from wdmctl.core.device import write_json
     from wdmctl.export.manifest import export_versions, package_versions
 
     unknown = [b for b in bench.backends if b not in BENCH_BACKENDS]

@@ -12,8 +12,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from wdmctl.core.hashing import sha256_file  # noqa: F401 - the export modules' (and their tests') name for it
+from wdmctl.core.io import write_json_atomic
+from wdmctl.core.version import __version__
 from wdmctl.errors import WdmError
-from wdmctl.integrity import CorruptFile, json_problem, sha256_file
+from wdmctl.core.integrity import CorruptFile, json_problem
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "wdmctl-export/1"
@@ -39,8 +42,6 @@ def onnxruntime_version() -> str | None:
 
 
 def export_versions() -> dict[str, str | None]:
-    from wdmctl import __version__
-
     versions = package_versions("torch", "onnx", "onnxscript", "onnx-ir")
     return {"wdmctl": __version__, **versions, "onnxruntime": onnxruntime_version()}
 
@@ -80,8 +81,6 @@ def require_intact_onnx(export_dir: str | Path, manifest: dict[str, Any]) -> Non
 
 
 def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    from wdmctl.pipeline import write_json_atomic
-
     path = Path(export_dir) / MANIFEST_FILE
     write_json_atomic(path, manifest)
     return path

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from wdmctl.core.io import write_bytes_atomic
 from wdmctl.errors import MissingDependency, WdmError
 from wdmctl.export.manifest import ENGINE_DIR, read_manifest, sha256_file, write_manifest
 
@@ -107,18 +106,6 @@ def find_engine(export_dir: Path, manifest: dict[str, Any], device: torch.device
             return path
     raise WdmError(f"{export_dir} has no TensorRT {trt.__version__} engine for {gpu['name']}; "
                    f"run `wdmctl export --trt --out {export_dir}` on this machine")
-
-
-def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Temporary file beside `path`, then rename: an engine is either whole or absent under its name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _serialize_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], optimization_level: int,

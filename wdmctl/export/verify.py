@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from wdmctl.errors import WdmError
+from wdmctl.export.runtime import ort_session
 
 # several points of the 0..999 schedule: the time embedding, and so every block's modulation, differs at each
 TIMESTEPS = (0, 250, 500, 750, 999)
@@ -73,8 +74,6 @@ def verify_onnx(onnx_path: Path, reference: Callable[..., torch.Tensor], cases: 
     """Run every case through ONNX Runtime and `reference`; return the results for the manifest, or raise a
     one-line WdmError when an error exceeds `tolerances`. `low_precision` names a bf16/fp16 graph, for the
     hint when the runtime has no kernels for it."""
-    from wdmctl.export.runtime import ort_session
-
     started = time.perf_counter()
     try:
         session = ort_session(onnx_path, device, use_tf32=False)

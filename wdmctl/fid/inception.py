@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wdmctl.core.hashing import sha256_file
 from wdmctl.errors import WdmError
+from wdmctl.fid.inception_net import load_fid_state_dict
 
 INCEPTION_SIZE = 299
 FEATURE_DIMS = 2048
@@ -98,9 +100,7 @@ def file_sha256(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    from wdmctl.integrity import sha256_file
-
-    return sha256_file(path)
+    return sha256_file(path)  # size and mtime are part of the cache key only
 
 
 def _identify(path: Path, source: str) -> ResolvedWeights:
@@ -172,8 +172,6 @@ def load_network(weights: ResolvedWeights) -> torch.nn.Module:
     if weights.known.kind == "torchscript":
         net = torch.jit.load(str(weights.path), map_location="cpu")
     else:
-        from wdmctl.fid.inception_net import load_fid_state_dict
-
         net = load_fid_state_dict(torch.load(weights.path, map_location="cpu", weights_only=True))
     return net.eval()  # features are computed under torch.inference_mode()
 
@@ -283,33 +281,3 @@ def load_inception(path: str | Path | None = None, device: str | None = None, ba
     """Locate, verify and load the FID Inception; `device` defaults to CUDA when available."""
     weights = locate_weights(path, cache_dir=cache_dir)
     return InceptionExtractor(load_network(weights), weights, device or default_device(), batch_size)
-
-
-def benchmark_throughput(extractor: InceptionExtractor, resolution: int = 256, batch_size: int = 200,
-                         iters: int = 10) -> dict[str, Any]:
-    """Images/s of the whole path (uint8 host batch -> features on host) and of the network alone."""
-    from wdmctl.bench import time_fn
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch_size, resolution, resolution, 3), dtype=np.uint8)
-    extractor.batch_size = batch_size
-    end_to_end_ms = time_fn(lambda: extractor(images), warmup=2, iters=iters)
-    prepared = preprocess(torch.from_numpy(images).to(extractor.device).permute(0, 3, 1, 2))
-
-    def network_only():
-        with ieee_fp32(), torch.inference_mode():
-            extractor.network(prepared)
-
-    network_ms = time_fn(network_only, warmup=2, iters=iters)
-    return {
-        "benchmark": "inception",
-        "inception": extractor.info,
-        "preprocessing": PREPROCESSING,
-        "batch_size": batch_size,
-        "resolution": resolution,
-        "iters": iters,
-        "end_to_end_ms_per_batch": round(end_to_end_ms, 3),
-        "end_to_end_images_per_s": round(batch_size / end_to_end_ms * 1e3, 1),
-        "network_only_ms_per_batch": round(network_ms, 3),
-        "network_only_images_per_s": round(batch_size / network_ms * 1e3, 1),
-    }

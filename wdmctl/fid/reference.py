@@ -12,11 +12,8 @@ weights hash and the number of stored features.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -25,8 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wdmctl import __version__
+from wdmctl.core.hashing import sha256_json
+from wdmctl.core.io import replace_atomically
+from wdmctl.core.version import __version__
+from wdmctl.data.sources import center_crop_resize, open_source
 from wdmctl.errors import WdmError
+from wdmctl.fid.inception import file_sha256, load_inception, user_cache_dir
 from wdmctl.fid.stats import FeatureStats
 
 REFERENCE_FORMAT = "wdmctl-fid-ref/1"
@@ -52,14 +53,10 @@ class ReferenceStats:
         return (self.provenance or {}).get("resolution")
 
     def sha256(self) -> str:
-        from wdmctl.fid.inception import file_sha256
-
         return file_sha256(self.path)
 
 
 def reference_cache_dir(cache_dir: Path | None = None) -> Path:
-    from wdmctl.fid.inception import user_cache_dir
-
     return (cache_dir or user_cache_dir()) / "fid-refs"
 
 
@@ -68,20 +65,7 @@ def reference_key(fingerprint: str, resolution: int, preprocessing: str, incepti
     """Cache key: everything that changes the statistics."""
     parts = {"fingerprint": fingerprint, "resolution": resolution, "crop": CROP, "preprocessing": preprocessing,
              "inception_sha256": inception_sha256, "pr_features": pr_features}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _replace_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return sha256_json(parts)[:20]
 
 
 def _refuse_existing(path: Path | None, overwrite: bool) -> None:
@@ -98,7 +82,7 @@ def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, provenan
               "provenance": np.array(json.dumps(provenance, sort_keys=True))}
     if features is not None and len(features):
         arrays["features"] = np.asarray(features, np.float32)
-    _replace_atomically(path, lambda f: np.savez(f, **arrays))
+    replace_atomically(path, lambda f: np.savez(f, **arrays))
     return path
 
 
@@ -149,8 +133,6 @@ def check_reference(ref: ReferenceStats, extractor) -> list[str]:
 
 def _source_batches(source, resolution: int, batch_size: int):
     """Yield uint8 NHWC batches of the source, preprocessed exactly as `wdmctl cache` does."""
-    from wdmctl.data.sources import center_crop_resize
-
     batch = []
     for index in range(len(source)):
         try:
@@ -171,9 +153,6 @@ def compute_reference(src: str, resolution: int, out: str | Path | None = None, 
     """Statistics of every image of SRC (folder, archive or `digits`) at `resolution`, center-cropped as
     `wdmctl cache` does. Served from the cache when the same source, resolution, preprocessing and weights
     were seen before; written to `out` too when given. Returns the path of the statistics."""
-    from wdmctl.data.sources import open_source
-    from wdmctl.fid.inception import load_inception
-
     out = Path(out) if out is not None else None
     _refuse_existing(out, overwrite)
     if resolution < 1:
@@ -206,7 +185,7 @@ def compute_reference(src: str, resolution: int, out: str | Path | None = None, 
     if out is None:
         return cached
     with open(cached, "rb") as src_file:
-        _replace_atomically(out, lambda f: shutil.copyfileobj(src_file, f))
+        replace_atomically(out, lambda f: shutil.copyfileobj(src_file, f))
     return out
 
 

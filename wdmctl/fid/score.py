@@ -9,8 +9,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from wdmctl import __version__
+from wdmctl.core.version import __version__
 from wdmctl.errors import WdmError
+from wdmctl.fid.inception import as_uint8_nhwc, load_inception
 from wdmctl.fid.reference import PR_FEATURES, ProgressFn, check_reference, load_reference
 from wdmctl.fid.samples import FidWarning, SampleSet, load_samples
 from wdmctl.fid.stats import FeatureStats, frechet_distance, precision_recall
@@ -36,8 +37,6 @@ def score_images(images: Iterable[np.ndarray] | str | Path, ref: str | Path, num
     are samples at another resolution than the reference's. With `pr`, improved precision/recall (k-NN,
     `k`) on up to 10,000 features per side; the reference must store features (`fid ref --pr`).
     """
-    from wdmctl.fid.inception import as_uint8_nhwc, load_inception
-
     reference = load_reference(ref)
     found_warnings: list[str] = []
     samples_info: dict[str, Any] | None = None

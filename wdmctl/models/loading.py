@@ -7,13 +7,12 @@ from pathlib import Path
 import torch
 
 from wdmctl.errors import WdmError
+from wdmctl.models.presets import PRESETS, build_model
+from wdmctl.models.wdmamba import WDMamba
 
 
 def load_model_meta(name_or_path: str):
     """A preset built on the meta device (shapes only), or a saved model's architecture from its config."""
-    from wdmctl.models.presets import PRESETS, build_model
-    from wdmctl.models.wdmamba import WDMamba
-
     if name_or_path in PRESETS:
         with torch.device("meta"):
             return build_model(name_or_path)
@@ -28,8 +27,6 @@ def load_model_meta(name_or_path: str):
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A saved model (safetensors + config.json, as written by `save_pretrained`)."""
-    from wdmctl.models.wdmamba import WDMamba
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise WdmError(f"{path} is not a saved model folder (no config.json)")

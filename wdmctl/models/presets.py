@@ -8,9 +8,11 @@ latents (256 px), 1000 classes. The U-ViT presets have the same width and 15 tra
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from wdmctl.errors import WdmError
+from wdmctl.models.wdmamba import WDMamba
 
 _LATENT_256 = dict(sample_size=32, in_channels=4, patch_size=2, num_classes=1000)
 
@@ -34,8 +36,6 @@ SAME_SIZE_UVIT = {"WDM-S/2": "UViT-S/2", "WDM-B/2": "UViT-B/2", "WDM-L/2": "UViT
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The constructor arguments of preset `name` with `overrides` applied."""
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise WdmError(f"unknown model preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
@@ -44,6 +44,4 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 def build_model(name: str, **overrides: Any):
     """Build preset `name` (constructor arguments overridden by `overrides`)."""
-    from wdmctl.models.wdmamba import WDMamba
-
     return WDMamba(**preset_config(name, **overrides))

@@ -13,6 +13,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from wdmctl.models.wdmamba import MambaMixer, TransformerBlock
+
 SCAN_FLOPS_PER_STATE_UPDATE = 9
 
 
@@ -33,8 +35,6 @@ def parameter_table(model: nn.Module) -> "OrderedDict[str, int]":
 
 def count_flops(model: nn.Module, resolution: int | None = None, batch: int = 1) -> int:
     """FLOPs of one forward pass at latent/pixel side `resolution` (default: the trained size)."""
-    from wdmctl.models.wdmamba import MambaMixer, TransformerBlock
-
     cfg = model.config
     side = resolution or cfg.sample_size
     total = 0

@@ -37,6 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from wdmctl.models.norm_modulate import gated_residual, norm_modulate
+from wdmctl.models.token_order import ScanLayout
 from wdmctl.scan import (
     causal_conv1d,
     causal_conv1d_pair,
@@ -48,7 +49,13 @@ from wdmctl.scan import (
 
 ARCHS = ("wdmamba", "umamba", "uvit")
 SCAN_MODES = ("cycle", "bidirectional")
+TOKEN_ORDERS = ("raster", "zigzag")
+MIXER_CONVS = ("causal1d", "2d")
+POSITION_EMBEDDINGS = ("learned", "sincos")
 CYCLE = ("row", "row_reverse", "column", "column_reverse")
+# the vocabulary of every string argument of WDMamba, checked by the constructor and by recipe validation
+CHOICES = {"arch": ARCHS, "scan": SCAN_MODES, "token_order": TOKEN_ORDERS, "mixer_conv": MIXER_CONVS,
+           "position_embedding": POSITION_EMBEDDINGS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,19 +82,46 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
+def sincos_2d_embedding(width: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of a grid_h x grid_w patch grid, (grid_h * grid_w, width),
+    row-major: half the channels encode the row, half the column (MAE / DiT's get_2d_sincos_pos_embed)."""
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, not {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    row_args, col_args = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
+    return torch.cat([row_args.sin(), row_args.cos(), col_args.sin(), col_args.cos()], dim=1).float()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The Mamba-1 mixer (selective state space, S6)
 # ----------------------------------------------------------------------------------------------------
 
 class SSMBranch(nn.Module):
-    """The per-direction half of a Mamba mixer: causal conv1d + SiLU, x_proj -> (dt, B, C), dt_proj,
-    A_log, D. Parameter names follow mamba-ssm's `Mamba` so checkpoints are easy to read across projects."""
+    """The per-direction half of a Mamba mixer: local conv + SiLU, x_proj -> (dt, B, C), dt_proj,
+    A_log, D. Parameter names follow mamba-ssm's `Mamba` so checkpoints are easy to read across projects.
 
-    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int,
-                 dt_min: float = 1e-3, dt_max: float = 0.1):
+    The local conv is Mamba's causal depthwise conv1d along the scan (`mixer_conv="causal1d"`), or a
+    depthwise 3x3 conv over the patch grid (`"2d"`, as VMamba's SS2D does), which sees the vertical
+    neighbours that a row scan puts a whole row apart; extra tokens get its centre tap. `pads` > 0 adds
+    learned pad tokens (one set for the scanned input, one for the gate z) after every line of the scan.
+    """
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int, mixer_conv: str = "causal1d",
+                 pads: int = 0, dt_min: float = 1e-3, dt_max: float = 0.1):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        if mixer_conv == "2d":
+            self.conv2d = nn.Conv2d(d_inner, d_inner, 3, groups=d_inner, padding=1)
+            self.conv1d = None
+        else:
+            self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+            self.conv2d = None
+        self.pad_tokens = nn.Parameter(torch.randn(2, pads, d_inner) * 0.02) if pads else None
+        if self.pad_tokens is not None:
+            self.pad_tokens._no_weight_decay = True
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         # Mamba's initialisation: dt_proj bias so that softplus(bias) is log-uniform in [dt_min, dt_max]
@@ -101,12 +135,36 @@ class SSMBranch(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, column_grid, scan_options: dict) -> torch.Tensor:
-        """x, z: (B, L, d_inner) -> (B, L, d_inner). Scans towards the end (or the start if `reverse`), in
-        column-major order of column_grid when given."""
+    def grid_conv(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """The 2-D local conv + SiLU on (B, L, d_inner) tokens in memory order; grid = (extra, rows, cols)."""
+        extra, rows, cols = grid
+        b, _, channels = x.shape
+        patches = x[:, extra:].reshape(b, rows, cols, channels).permute(0, 3, 1, 2)
+        patches = self.conv2d(patches).permute(0, 2, 3, 1).reshape(b, rows * cols, channels)
+        centre = self.conv2d.weight[:, 0, 1, 1]
+        extras = x[:, :extra] * centre.to(x.dtype) + self.conv2d.bias.to(x.dtype)
+        return F.silu(torch.cat([extras, patches.to(extras.dtype)], dim=1))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, column_grid, scan_options: dict,
+                layout: ScanLayout | None = None, grid=None) -> torch.Tensor:
+        """x, z: (B, L, d_inner) in memory order -> (B, L, d_inner). Scans towards the end (or the start if
+        `reverse`), in column-major order of column_grid when given, or in the order of `layout` (which then
+        builds the scan-order copies). `grid` = (extra, rows, cols) is needed by the 2-D conv."""
         backend = scan_options.get("backend", "auto")
-        u = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
-                          reverse=reverse, column_grid=column_grid, backend=backend)   # (B, E, L)
+        pad_x, pad_z = self.pad_tokens if self.pad_tokens is not None else (None, None)
+        if self.conv2d is not None:   # the 2-D conv works on the grid, before any reordering
+            x = self.grid_conv(x, grid)
+        if layout is not None:
+            x, z = layout.to_scan(x, pad_x), layout.to_scan(z, pad_z)
+        if self.conv2d is not None:
+            u = x.transpose(1, 2)
+        else:
+            u = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
+                              reverse=reverse, column_grid=column_grid, backend=backend)   # (B, E, L)
+        y = self._scan(u, z, reverse, column_grid, scan_options).transpose(1, 2)
+        return y if layout is None else layout.from_scan(y)
+
+    def _scan(self, u, z, reverse, column_grid, scan_options):
         dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)                              # bias goes in as delta_bias
         y = selective_scan(
@@ -114,7 +172,7 @@ class SSMBranch(nn.Module):
             self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), delta_softplus=True,
             reverse=reverse, column_grid=column_grid, **scan_options,
         )
-        return y.transpose(1, 2)
+        return y
 
 
 class MambaMixer(nn.Module):
@@ -124,39 +182,52 @@ class MambaMixer(nn.Module):
     scale, which is what kept Vim's bidirectional blocks from overflowing in bf16."""
 
     def __init__(self, width: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
-                 bidirectional: bool = False):
+                 bidirectional: bool = False, mixer_conv: str = "causal1d", token_order: str = "raster",
+                 pad_tokens: int = 0):
         super().__init__()
         d_inner = expand * width
         dt_rank = math.ceil(width / 16)
+        self.zigzag, self.pads = token_order == "zigzag", pad_tokens
         self.in_proj = nn.Linear(width, 2 * d_inner, bias=False)
-        self.forward_branch = SSMBranch(d_inner, d_state, d_conv, dt_rank)
-        self.backward_branch = SSMBranch(d_inner, d_state, d_conv, dt_rank) if bidirectional else None
+        self.forward_branch = SSMBranch(d_inner, d_state, d_conv, dt_rank, mixer_conv, pad_tokens)
+        self.backward_branch = (SSMBranch(d_inner, d_state, d_conv, dt_rank, mixer_conv, pad_tokens)
+                                if bidirectional else None)
         self.out_proj = nn.Linear(d_inner, width, bias=False)
         self.scan_options: dict = {}
 
-    def forward(self, x: torch.Tensor, reverse: bool = False, column_grid=None) -> torch.Tensor:
-        """x: (B, L, width) in row-major token order. Scans in column-major order of column_grid =
-        (extra tokens, grid rows, grid cols) when given: read in place by backends that can, else between one
-        transposing copy each way (cheaper than permuting the conv's and the scan's inputs separately)."""
+    def forward(self, x: torch.Tensor, order: str = "row", grid=None) -> torch.Tensor:
+        """x: (B, L, width) in row-major token order; order: one of CYCLE (the forward branch's order);
+        grid: (extra tokens, grid rows, grid cols), needed by column orders, zigzag, pads and the 2-D conv.
+
+        Raster orders without pads are read in place by backends that can (column-major included), else
+        scanned between one transposing copy each way (cheaper than permuting the conv's and the scan's
+        inputs separately). Zigzag orders and pad tokens are scanned through a ScanLayout's copies."""
         backend = resolve_backend(self.scan_options.get("backend", "auto"), x.device.type)
+        reverse, column = order.endswith("reverse"), order.startswith("column")
+        conv2d = self.forward_branch.conv2d is not None
+        if self.zigzag or self.pads or (column and conv2d and not backend.reads_column_order):
+            layout = ScanLayout(*grid, column=column, zigzag=self.zigzag, pads=self.pads)
+            return self._mix(x, reverse, None, backend, layout, grid)
+        column_grid = grid if column else None
         if column_grid and not backend.reads_column_order:
             extra, rows, cols = column_grid
-            y = self._mix(transpose_patch_grid(x, extra, rows, cols), reverse, None, backend)
+            y = self._mix(transpose_patch_grid(x, extra, rows, cols), reverse, None, backend, None, None)
             return transpose_patch_grid(y, extra, cols, rows)
-        return self._mix(x, reverse, column_grid, backend)
+        return self._mix(x, reverse, column_grid, backend, None, grid)
 
-    def _mix(self, x, reverse, column_grid, backend):
+    def _mix(self, x, reverse, column_grid, backend, layout, grid):
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
+        options = self.scan_options
         if self.backward_branch is None:
-            y = self.forward_branch(x_in, z, reverse, column_grid, self.scan_options)
-        elif backend.selective_scan_pair is not None:
-            y = self._both_directions_at_once(x_in, z, reverse, column_grid)
+            y = self.forward_branch(x_in, z, reverse, column_grid, options, layout, grid)
+        elif backend.selective_scan_pair is not None and layout is None:
+            y = self._both_directions_at_once(x_in, z, reverse, column_grid, grid)
         else:
-            y = 0.5 * (self.forward_branch(x_in, z, reverse, column_grid, self.scan_options)
-                       + self.backward_branch(x_in, z, not reverse, column_grid, self.scan_options))
+            y = 0.5 * (self.forward_branch(x_in, z, reverse, column_grid, options, layout, grid)
+                       + self.backward_branch(x_in, z, not reverse, column_grid, options, layout, grid))
         return self.out_proj(y)
 
-    def _both_directions_at_once(self, x_in, z, reverse, column_grid):
+    def _both_directions_at_once(self, x_in, z, reverse, column_grid, grid):
         """The two branches as one: each step (conv, x_proj, dt_proj, scan) runs both directions in one
         launch, their inputs stacked on the batch axis and their weights on a new leading axis. The same
         arithmetic as calling the branches one after the other."""
@@ -168,8 +239,11 @@ class MambaMixer(nn.Module):
         def both(get):
             return torch.stack([get(fwd), get(bwd)])
 
-        u = causal_conv1d_pair(x_in.transpose(1, 2), both(lambda m: m.conv1d.weight.squeeze(1)),
-                               both(lambda m: m.conv1d.bias), "silu", reverse, column_grid, backend)  # (2B, E, L)
+        if fwd.conv2d is not None:   # the 2-D conv does not depend on the direction: two plain convs
+            u = torch.cat([fwd.grid_conv(x_in, grid), bwd.grid_conv(x_in, grid)]).transpose(1, 2)
+        else:
+            u = causal_conv1d_pair(x_in.transpose(1, 2), both(lambda m: m.conv1d.weight.squeeze(1)),
+                                   both(lambda m: m.conv1d.bias), "silu", reverse, column_grid, backend)  # (2B, E, L)
         tokens = u.transpose(1, 2).reshape(2, batch * length, d_inner)
         dt, B, C = torch.bmm(tokens, both(lambda m: m.x_proj.weight).transpose(1, 2)).split(
             [fwd.dt_rank, fwd.d_state, fwd.d_state], dim=-1)
@@ -194,16 +268,16 @@ class MambaBlock(nn.Module):
     """[skip fusion] -> RMSNorm -> adaLN modulate -> Mamba mixer in this block's token order -> gated residual."""
 
     def __init__(self, width: int, order: str, has_skip: bool, d_state: int, d_conv: int, expand: int,
-                 bidirectional: bool):
+                 bidirectional: bool, mixer_conv: str = "causal1d", token_order: str = "raster", pad_tokens: int = 0):
         super().__init__()
         self.order = order
         self.skip_linear = nn.Linear(2 * width, width) if has_skip else None
         self.norm = nn.RMSNorm(width, eps=1e-6)
-        self.mixer = MambaMixer(width, d_state, d_conv, expand, bidirectional)
+        self.mixer = MambaMixer(width, d_state, d_conv, expand, bidirectional, mixer_conv, token_order, pad_tokens)
         self.scale_shift_table = nn.Parameter(torch.randn(3, width) / width ** 0.5)
 
     def forward(self, x, modulation, skip=None, grid=None):
-        """grid: (extra tokens, grid height, grid width), for the column-major orders."""
+        """grid: (extra tokens, grid height, grid width)."""
         if self.skip_linear is not None:
             # back to the residual stream's dtype: under bf16 autocast the stream stays fp32 (no bf16 drift
             # accumulating over 26 blocks, a cause of the NaNs Mamba diffusion users report)
@@ -211,9 +285,8 @@ class MambaBlock(nn.Module):
         shift, scale, gate = (modulation + self.scale_shift_table[None]).unbind(1)
         h = norm_modulate(x, self.norm, shift, scale)   # modulate(norm(x), shift, scale), one kernel on CUDA
         # tokens stay row-major (skips and the head never see a permuted order); the mixer scans the grid
-        # column by column when this block's order says so
-        column_grid = grid if self.order.startswith("column") else None
-        h = self.mixer(h, reverse=self.order.endswith("reverse"), column_grid=column_grid)
+        # in this block's order and returns its output in row-major order
+        h = self.mixer(h, self.order, grid)
         return gated_residual(x, gate, h)   # x + gate * h, one kernel on CUDA
 
 
@@ -285,6 +358,17 @@ class WDMamba(ModelMixin, ConfigMixin):
         num_classes: 0 = unconditional; otherwise label `num_classes` is the null class for CFG.
         d_state, d_conv, expand: Mamba-1 mixer sizes (N, conv width, d_inner / D).
         scan: "cycle" (one direction per block, cycling row/column x forward/backward) or "bidirectional".
+        cycle_offset: shifts which order of the cycle each block gets (block i scans CYCLE[(i + offset) % 4]).
+        token_order: "raster" (each line of the grid scanned the same way) or "zigzag" (every second line
+            backwards, so consecutive tokens are always neighbours: ZigMa).
+        pad_tokens: learned pad tokens after every scanned line (DiM uses 3); 0 = none.
+        mixer_conv: the Mamba mixer's local conv: "causal1d" (Mamba's, along the scan) or "2d" (depthwise
+            3x3 over the patch grid).
+        smoother: DiM's depthwise 3x3 convs on the patch grid before the first and after the last block
+            (residual, zero-initialised).
+        position_embedding: "learned" table (interpolated for other sizes) or fixed 2-D "sincos" for the patches.
+        zero_init: adaLN-Zero: every block's gate and the output projection start at zero, so the
+            network starts as the identity on its residual stream and predicts zero noise (DiT).
         num_heads, mlp_ratio: transformer sizes (uvit only).
         scan_backend: default selective-scan backend ("auto", "torch", "mamba_ssm", ...).
     """
@@ -305,15 +389,24 @@ class WDMamba(ModelMixin, ConfigMixin):
         d_conv: int = 3,
         expand: int = 2,
         scan: str = "cycle",
+        cycle_offset: int = 0,
+        token_order: str = "raster",
+        pad_tokens: int = 0,
+        mixer_conv: str = "causal1d",
+        smoother: bool = False,
+        position_embedding: str = "learned",
+        zero_init: bool = False,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         scan_backend: str = "auto",
     ):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
-        if scan not in SCAN_MODES:
-            raise ValueError(f"scan must be one of {SCAN_MODES}, not {scan!r}")
+        for name, value in (("arch", arch), ("scan", scan), ("token_order", token_order),
+                            ("mixer_conv", mixer_conv), ("position_embedding", position_embedding)):
+            if value not in CHOICES[name]:
+                raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
+        if pad_tokens < 0:
+            raise ValueError(f"pad_tokens must be >= 0, not {pad_tokens}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         self.num_extra_tokens = 2 if num_classes > 0 else 1
@@ -323,7 +416,12 @@ class WDMamba(ModelMixin, ConfigMixin):
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedder(width)
         self.class_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
-        self.pos_embed = nn.Parameter(torch.randn(1, self.num_extra_tokens + grid * grid, width) * 0.02)
+        # learned: a table over [extra tokens, patches]; sincos: fixed patch positions, a table for the extras
+        learned_positions = self.num_extra_tokens + (grid * grid if position_embedding == "learned" else 0)
+        self.pos_embed = nn.Parameter(torch.randn(1, learned_positions, width) * 0.02)
+        # the trained grid's fixed table, a buffer so it moves with the model (and CUDA graphs capture no copy)
+        self.register_buffer("sincos_patches", sincos_2d_embedding(width, grid, grid)[None]
+                             if position_embedding == "sincos" else None, persistent=False)
 
         # W-Net body
         self.is_mamba = arch != "uvit"
@@ -333,13 +431,17 @@ class WDMamba(ModelMixin, ConfigMixin):
             if not self.is_mamba:
                 return TransformerBlock(width, num_heads, mlp_ratio, has_skip)
             if scan == "bidirectional":
-                order = ("row", "column")[index % 2]
+                order = ("row", "column")[(index + cycle_offset) % 2]
             else:
-                order = CYCLE[index % 4]
-            return MambaBlock(width, order, has_skip, d_state, d_conv, expand, scan == "bidirectional")
+                order = CYCLE[(index + cycle_offset) % 4]
+            return MambaBlock(width, order, has_skip, d_state, d_conv, expand, scan == "bidirectional",
+                              mixer_conv, token_order, pad_tokens)
 
         blocks_per_stage = 2 * depth + 1
         self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
+        # DiM's "smoothers": depthwise 3x3 convs on the patch grid before and after the body
+        self.smoothers = (nn.ModuleList([nn.Conv2d(width, width, 3, padding=1, groups=width) for _ in range(2)])
+                          if smoother else None)
         # adaLN-single: one shared projection of the conditioning into (shift, scale, gate) for all blocks
         self.block_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width)) if self.is_mamba else None
 
@@ -369,6 +471,23 @@ class WDMamba(ModelMixin, ConfigMixin):
         nn.init.normal_(self.proj_out.weight, std=0.02)
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.weight, std=0.02)
+        if self.smoothers is not None:   # residual convs that start as the identity
+            for conv in self.smoothers:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+        if self.config.zero_init:
+            # adaLN-Zero (DiT): gate = 0 in every block (shared projection's gate third and each table's gate
+            # row), and a zero output projection
+            with torch.no_grad():
+                if self.block_modulation is not None:
+                    width = self.config.width
+                    self.block_modulation[1].weight[2 * width:].zero_()
+                    self.block_modulation[1].bias[2 * width:].zero_()
+                    for module in self.modules():
+                        if isinstance(module, MambaBlock):
+                            module.scale_shift_table[2].zero_()
+                nn.init.zeros_(self.proj_out.weight)
+                nn.init.zeros_(self.proj_out.bias)
 
     # ---- runtime options -------------------------------------------------------------------------
 
@@ -390,6 +509,11 @@ class WDMamba(ModelMixin, ConfigMixin):
 
     def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         pos = self.pos_embed
+        if self.sincos_patches is not None:
+            patches = self.sincos_patches
+            if patches.shape[1] != grid_h * grid_w:
+                patches = sincos_2d_embedding(self.config.width, grid_h, grid_w)[None].to(pos.device)
+            return torch.cat([pos, patches.to(pos.dtype)], dim=1)
         trained = self.config.sample_size // self.config.patch_size
         if (grid_h, grid_w) == (trained, trained):
             return pos
@@ -398,6 +522,16 @@ class WDMamba(ModelMixin, ConfigMixin):
         patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([extra, patches], dim=1)
+
+    @staticmethod
+    def _smooth(conv: nn.Conv2d, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """tokens + depthwise conv of the patch grid (extra tokens untouched)."""
+        extra, rows, cols = grid
+        b, _, d = tokens.shape
+        patches = tokens[:, extra:]
+        image = patches.reshape(b, rows, cols, d).permute(0, 3, 1, 2)
+        smoothed = patches + conv(image).permute(0, 2, 3, 1).reshape(b, rows * cols, d).to(patches.dtype)
+        return torch.cat([tokens[:, :extra], smoothed], dim=1)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); timesteps: (B,) on the 0..999 scale; class_labels: (B,) ints (null = num_classes).
@@ -426,8 +560,12 @@ class WDMamba(ModelMixin, ConfigMixin):
         # 2. W-Net: encoder 1 -> bottleneck 1 -> decoder 1 -> encoder 2 -> bottleneck 2 -> decoder 2
         modulation = self.block_modulation(cond).view(b, 3, -1) if self.is_mamba else None
         grid = (self.num_extra_tokens, grid_h, grid_w)
+        if self.smoothers is not None:
+            tokens = self._smooth(self.smoothers[0], tokens, grid)
         for stage in self.w_net:
             tokens = stage(tokens, modulation, grid)
+        if self.smoothers is not None:
+            tokens = self._smooth(self.smoothers[1], tokens, grid)
 
         # 3. head: norm -> Linear -> unpatchify -> Conv2d
         patch_tokens = tokens[:, self.num_extra_tokens:]

@@ -36,12 +36,11 @@ device. Parameter names never depend on the backend, so a checkpoint trained wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from wdmctl.errors import MissingDependency, WdmError
+from wdmctl.scan import mamba_ssm_scan, torch_scan  # noqa: F401 - each registers its backend
+from wdmctl.scan.registry import _AUTO, BACKENDS, ScanBackend, check_activation, check_column_grid, register_backend
 
 __all__ = [
     "BACKENDS",
@@ -55,40 +54,6 @@ __all__ = [
     "selective_scan_pair",
     "transpose_patch_grid",
 ]
-
-
-@dataclass
-class ScanBackend:
-    """A selective-scan implementation.
-
-    `priority` orders `auto`'s choice among available backends (higher first); `devices` says which
-    device types it runs on; `is_available` is checked lazily so importing wdmctl never imports CUDA
-    extensions. `reads_column_order`: its scan and conv take `column_grid` and read that order in place.
-    `selective_scan_pair` / `causal_conv1d_pair`: its one-launch bidirectional forms (same signatures, a
-    leading axis of 2 on the parameters), or None.
-    """
-
-    name: str
-    selective_scan: Callable[..., torch.Tensor]
-    causal_conv1d: Callable[..., torch.Tensor]
-    is_available: Callable[[], bool]
-    install_hint: str
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    priority: int = 0
-    exportable: bool = False
-    reads_column_order: bool = False
-    selective_scan_pair: Callable[..., torch.Tensor] | None = None
-    causal_conv1d_pair: Callable[..., torch.Tensor] | None = None
-    extra: dict = field(default_factory=dict)
-
-
-BACKENDS: dict[str, ScanBackend] = {}
-_AUTO: dict[str, ScanBackend] = {}   # "auto" per device type, resolved once (models ask in every block)
-
-
-def register_backend(backend: ScanBackend) -> None:
-    BACKENDS[backend.name] = backend
-    _AUTO.clear()
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
@@ -205,9 +170,11 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """Depthwise causal conv1d: x (batch, d, L), weight (d, width), optional SiLU; `reverse` makes it
     anti-causal; `column_grid` convolves along the column-major order (see the module docstring)."""
-    _check_activation(activation)
+    check_activation(activation)
     check_column_grid(column_grid, x.shape[-1])
     impl = resolve_backend(backend, x.device.type)
+    if impl.max_conv_width is not None and weight.shape[-1] > impl.max_conv_width:
+        impl = resolve_backend("torch", x.device.type)
     if column_grid and impl.reads_column_order:
         return impl.causal_conv1d(x, weight, bias, activation, reverse, column_grid)
     if column_grid:
@@ -220,12 +187,13 @@ def causal_conv1d_pair(x, weight, bias=None, activation=None, reverse=False, col
                        backend="auto") -> torch.Tensor:
     """Both directions' convs of one input: x (batch, d, L), weight (2, d, width), bias (2, d). Returns
     (2 * batch, d, L): rows :batch convolve as `reverse` says with weight[0], rows batch: the other way."""
-    _check_activation(activation)
+    check_activation(activation)
     check_column_grid(column_grid, x.shape[-1])
     if weight.dim() != 3 or weight.shape[0] != 2:
         raise WdmError(f"causal_conv1d_pair takes a weight of shape (2, d, width), not {tuple(weight.shape)}")
     impl = resolve_backend(backend, x.device.type)
-    if impl.causal_conv1d_pair is not None and (impl.reads_column_order or not column_grid):
+    narrow = impl.max_conv_width is None or weight.shape[-1] <= impl.max_conv_width
+    if impl.causal_conv1d_pair is not None and narrow and (impl.reads_column_order or not column_grid):
         return impl.causal_conv1d_pair(x, weight, bias, activation, reverse, column_grid)
     return generic_causal_conv1d(backend, x, weight, bias, activation, reverse, column_grid)
 
@@ -241,33 +209,17 @@ def generic_causal_conv1d(backend, x, weight, bias, activation, reverse, column_
     ])
 
 
-def check_column_grid(column_grid, length: int) -> None:
-    if column_grid is None:
-        return
-    extra, rows, cols = column_grid
-    if extra < 0 or rows < 1 or cols < 1 or extra + rows * cols != length:
-        raise WdmError(f"column_grid {tuple(column_grid)} does not describe {length} tokens "
-                       "(extra tokens + rows * cols)")
-
-
-def _check_activation(activation):
-    if activation not in (None, "silu", "swish"):
-        raise WdmError(f"causal_conv1d activation must be None or 'silu', not {activation!r}")
-
-
-_loaded = False
+_triton_tried = False
 
 
 def _load_builtin_backends() -> None:
-    """Import the backend modules once; each registers itself (and checks its packages lazily)."""
-    global _loaded
-    if _loaded:
+    """Register our Triton backend on first use: importing triton is slow, and it is optional (CPU-only
+    installs may lack it). The torch and mamba_ssm backends registered at import (they import nothing heavy)."""
+    global _triton_tried
+    if _triton_tried:
         return
-    _loaded = True
-    from wdmctl.scan import torch_scan  # noqa: F401
-    from wdmctl.scan import mamba_ssm_scan  # noqa: F401
-
-    try:  # our Triton kernels are optional: triton may be missing (CPU-only installs)
-        from wdmctl.scan import triton_scan  # noqa: F401
+    _triton_tried = True
+    try:
+        from wdmctl.scan import triton  # noqa: F401 - deferred: a heavy, optional dependency
     except ImportError:
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 
-from wdmctl.scan import ScanBackend, register_backend
+from wdmctl.scan.registry import ScanBackend, register_backend
 from wdmctl.scan.torch_scan import causal_conv1d_torch
 
 INSTALL_HINT = 'pip install "wdmctl[cuda]" (mamba-ssm and causal-conv1d, built for your torch and CUDA)'

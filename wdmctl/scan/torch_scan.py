@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wdmctl.scan import ScanBackend, register_backend
+from wdmctl.scan.registry import ScanBackend, register_backend
 
 DEFAULT_CHUNK_SIZE = 16
 

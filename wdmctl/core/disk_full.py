@@ -1,21 +1,20 @@
 """A write that fails for lack of space (or any OS error while a known file set is written) as one line:
 which file, how much space is free, and what is still safe, instead of a traceback from deep inside
-torch.save or safetensors.
+safetensors or diffusers.
 
-torch.save reports a full disk as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`,
-without an errno, so a RuntimeError counts as a full disk when the filesystem is (nearly) full when it is seen.
+safetensors reports a full disk as `SafetensorError: Error while serializing: I/O error: No space left on
+device (os error 28)`: an Exception without an errno, so the words of ENOSPC in a message count too.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
 from wdmctl.errors import WdmError, first_line
 
-# below this much free space a failed write is put down to the disk being full
-NEARLY_FULL_BYTES = 1 << 20
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -45,12 +44,22 @@ def newest_file(folder: Path) -> Path | None:
     return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
-def is_disk_full(err: BaseException, where: str | Path) -> bool:
-    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
-        return True
-    if not isinstance(err, (OSError, RuntimeError)):
-        return False
-    return "No space left on device" in str(err) or free_bytes(where) < NEARLY_FULL_BYTES
+def note_failed_file(err: BaseException, folder: Path) -> None:
+    """Remember on `err` the file a failed write into `folder` was writing (its newest file), for
+    `write_failure`: a writer that removes its partial folder before re-raising calls this first, or the name
+    goes with the folder."""
+    if getattr(err, "written_file", None) is None and not getattr(err, "filename", None):
+        err.written_file = newest_file(folder)
+
+
+def full_disk(err: BaseException) -> str | None:
+    """What ran out, in the OS's words made lower case ("no space left on device", "disk quota exceeded",
+    "file too large"), from `err`'s errno or, where it carries none (safetensors), its message; else None."""
+    for code in sorted(_FULL_ERRNOS):
+        words = os.strerror(code)
+        if (isinstance(err, OSError) and err.errno == code) or (isinstance(err, Exception) and words in str(err)):
+            return words[0].lower() + words[1:]
+    return None
 
 
 def write_failure(err: BaseException, where: str | Path, doing: str, safe: str,
@@ -59,13 +68,11 @@ def write_failure(err: BaseException, where: str | Path, doing: str, safe: str,
     `where` (a file, or a folder being filled: then its newest file is named), or None when `err` is not a
     failed write (a full disk; with `any_os_error` any OSError) and should propagate as it is. `safe` says
     what is intact. Call it before cleaning up a partial folder, so the file can still be found."""
-    if not (is_disk_full(err, where) or (any_os_error and isinstance(err, OSError))):
+    full = full_disk(err)
+    if not (full or (any_os_error and isinstance(err, OSError))):
         return None
-    named = getattr(err, "filename", None)
+    named = getattr(err, "filename", None) or getattr(err, "written_file", None)
     file = Path(named) if named else (newest_file(Path(where)) if Path(where).is_dir() else Path(where))
-    if is_disk_full(err, where):
-        cause = "no space left on device"
-    else:
-        cause = getattr(err, "strerror", None) or first_line(err, 120)
+    cause = full or getattr(err, "strerror", None) or first_line(err, 120)
     return WriteFailed(f"{doing} failed: {cause} writing {file or where} ({format_bytes(free_bytes(where))} free); "
                        f"{safe}")

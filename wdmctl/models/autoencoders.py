@@ -25,7 +25,6 @@ overrides them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wdmctl.core.hashing import sha256_json, state_dict_sha256
 from wdmctl.errors import WdmError, first_line
 
 DEFAULT_AUTOENCODER = "stabilityai/sd-vae-ft-ema"
@@ -60,20 +60,9 @@ SD_VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def _digest(data: Any) -> str:
-    """Short sha256 of a JSON-serialisable value (sorted keys, so equal configs hash equally)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
-    """Short sha256 over parameter names and raw bytes: tells two checkpoints of one architecture apart
-    (sd-vae-ft-ema and sd-vae-ft-mse have identical configs)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+# Manifests record 16 hex digits of each hash: enough to tell configs and weights apart (sd-vae-ft-ema and
+# sd-vae-ft-mse have identical configs; their weights differ).
+HASH_DIGITS = 16
 
 
 class Autoencoder(ABC):
@@ -95,8 +84,8 @@ class Autoencoder(ABC):
     @property
     def config_hash(self) -> str:
         """Hash of the architecture config and the scaling/shift factors."""
-        return _digest({"kind": self.kind, "config": self.config,
-                        "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor})
+        return sha256_json({"kind": self.kind, "config": self.config,
+                        "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor})[:HASH_DIGITS]
 
     def latent_shape(self, resolution: int) -> list[int]:
         """[C, H, W] of the latent of a `resolution`-pixel square image."""
@@ -159,7 +148,7 @@ class KLAutoencoder(Autoencoder):
         super().__init__(device, dtype)
         self.spec = spec
         # hash before any dtype change, so the hash names the checkpoint and not the precision used
-        self.weights_hash = state_dict_hash(vae.state_dict())
+        self.weights_hash = state_dict_sha256(vae.state_dict())[:HASH_DIGITS]
         with _quiet_libraries():  # diffusers warns about any cast done with .to(); this one is intended
             self.vae = vae.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         cfg = vae.config
@@ -297,8 +286,8 @@ class TAEF2Autoencoder(Autoencoder):
         if (folder / "config.json").exists():
             overrides = {k: v for k, v in json.loads((folder / "config.json").read_text()).items()
                          if k in ("scaling_factor", "shift_factor")}
-        weights = state_dict_hash({**{f"encoder.{k}": v for k, v in enc_state.items()},
-                                   **{f"decoder.{k}": v for k, v in dec_state.items()}})
+        weights = state_dict_sha256({**{f"encoder.{k}": v for k, v in enc_state.items()},
+                                     **{f"decoder.{k}": v for k, v in dec_state.items()}})[:HASH_DIGITS]
         return cls(encoder, decoder, spec, weights, overrides, device, dtype)
 
     def _encode(self, images):
@@ -424,34 +413,3 @@ def sd_vae_sized_autoencoder(device="cpu", dtype=torch.float32) -> KLAutoencoder
 def random_taef2(device="cpu", dtype=torch.float32) -> TAEF2Autoencoder:
     """TAEF2's architecture with random weights (benchmarks without the checkpoint)."""
     return TAEF2Autoencoder(taef2_encoder(), taef2_decoder(), "random:taef2", None, None, device, dtype)
-
-
-def benchmark_encode(taef2_dir: str | None = None, resolution: int = 256, batch_size: int = 64,
-                     dtype: torch.dtype = torch.bfloat16, warmup: int = 3, iters: int = 10) -> dict[str, Any]:
-    """Encoding throughput (images/s) of an SD-VAE-sized AutoencoderKL and of TAEF2 at one batch size."""
-    from wdmctl.bench import peak_memory_gib, time_fn
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
-    candidates = {"sd-vae (AutoencoderKL, SD config, random weights)": lambda: sd_vae_sized_autoencoder(device, dtype)}
-    if taef2_dir:
-        candidates["taef2 (weights)"] = lambda: load_autoencoder(f"taef2:{taef2_dir}", device, dtype)
-    else:
-        candidates["taef2 (random weights)"] = lambda: random_taef2(device, dtype)
-    results = {}
-    for name, build in candidates.items():
-        autoencoder = build()
-        ms = time_fn(lambda: autoencoder.encode_moments(images), warmup=warmup, iters=iters)
-        results[name] = {
-            "ms_per_batch": round(ms, 3),
-            "images_per_s": round(batch_size / (ms / 1e3), 2),
-            "peak_memory_gib": peak_memory_gib(lambda: autoencoder.encode_moments(images)),
-            "latent_shape": autoencoder.latent_shape(resolution),
-        }
-        del autoencoder
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return {"benchmark": "cache-encode", "resolution": resolution, "batch_size": batch_size,
-            "dtype": str(dtype).removeprefix("torch."), "results": results}

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from wdmctl.errors import WdmError
+from wdmctl.export.manifest import read_manifest
 from wdmctl.export.onnx_export import (ExportSettings, default_export_dir, ensure_onnx, export_onnx,
                                        prepare_out_dir, source_identity)
-from wdmctl.export.tensorrt_build import DEFAULT_OPTIMIZATION_LEVEL
+from wdmctl.export.tensorrt_build import DEFAULT_OPTIMIZATION_LEVEL, build_engine, require_tensorrt
+from wdmctl.pipeline import load_pipeline
+from wdmctl.runs import resolve_pipeline_dir
 
 
 @dataclass
@@ -33,16 +38,8 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> tuple[
     """Export (`--onnx`, the default), and/or build a TensorRT engine (`--trt`, exporting first when the
     folder holds no export of these weights and settings). Everything that can be checked before the
     minutes of export work is checked first. Returns the export folder and its final manifest."""
-    import torch
-
-    from wdmctl.export.manifest import read_manifest
-    from wdmctl.pipeline import load_pipeline
-    from wdmctl.sampling import resolve_pipeline_dir
-
     req.settings.check()
     if req.trt:
-        from wdmctl.export.tensorrt_build import build_engine, require_tensorrt
-
         require_tensorrt()
         if not torch.cuda.is_available():
             raise WdmError("--trt builds an engine for the GPU it runs on, and no CUDA GPU is visible")

@@ -7,6 +7,7 @@ from typing import Any
 
 from wdmctl.errors import WdmError
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # DPM-Solver++ (2M for guided, 3M for unguided sampling, as DPM-Solver's authors recommend), DDIM, UniPC, Euler
 SOLVERS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "ddim", "unipc", "euler")
 
@@ -18,10 +19,10 @@ def make_noise_scheduler(
     beta_schedule: str = "scaled_linear",
 ):
     """diffusers' DDPMScheduler with epsilon prediction and no clipping: the SD / U-ViT / DiM schedule."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # here: diffusers' import is slow; config reads this module's names
 
-    if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-        raise WdmError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, not {beta_schedule!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise WdmError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, not {beta_schedule!r}")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
         beta_schedule=beta_schedule, prediction_type="epsilon", clip_sample=False,
@@ -49,8 +50,8 @@ def make_sampler(train_config: dict[str, Any], solver: str, *, timestep_spacing:
     x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the denoiser's error by up to 1/sqrt(abar)
     (~150 at t = 999 of the linear schedule), and unclipped those errors become the image.
     """
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                           UniPCMultistepScheduler)
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,  # here: see make_noise_scheduler
+                           EulerDiscreteScheduler, UniPCMultistepScheduler)
 
     if clip_x0 and solver in SOLVERS and solver not in X0_CLIP_OPTIONS:
         raise WdmError(f"solver {solver} cannot clip x_0; use one of {', '.join(X0_CLIP_OPTIONS)} or --no-clip-x0")

@@ -13,12 +13,13 @@ file under it. It is written last: a folder without one was never finished. Two 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 from typing import Any, Iterable
 
+from wdmctl.core.hashing import sha256_file
+from wdmctl.core.io import write_json_atomic
 from wdmctl.errors import WdmError, first_line
 
 INTEGRITY_FILE = "integrity.json"
@@ -29,15 +30,6 @@ _MAX_SAFETENSORS_HEADER = 100 << 20
 
 class CorruptFile(WdmError):
     """A file is missing, cut short, or changed since it was written; the message names it and what is wrong."""
-
-
-def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
-    """sha256 of a file's bytes, read in blocks (files of many GB do not need to fit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_record(path: str | Path, name: str | None = None) -> dict[str, Any]:
@@ -108,8 +100,6 @@ def file_problem(path: str | Path, record: dict[str, Any] | None = None, full: b
 def write_integrity(folder: str | Path) -> Path:
     """Record every file under `folder` in `folder/integrity.json`. Call it last, after everything else in
     the folder is written: its presence is what says the folder is complete."""
-    from wdmctl.pipeline import write_json_atomic
-
     folder = Path(folder)
     path = folder / INTEGRITY_FILE
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != path)  # a sub-folder's own is covered

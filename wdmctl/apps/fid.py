@@ -7,9 +7,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from wdmctl.apps.sample import generate_images
+from wdmctl.core.io import write_json_atomic
 from wdmctl.errors import WdmError
+from wdmctl.fid.inception import default_device, load_inception
 from wdmctl.fid.reference import ProgressFn, check_reference, load_reference, resolve_reference
 from wdmctl.fid.score import DEFAULT_NUM, score_images
+from wdmctl.pipeline import require_intact_pipeline
+from wdmctl.runs import checkpoint_pipeline, find_run
 
 
 def _recipe_fid_section(run_dir: Path) -> dict[str, Any]:
@@ -38,18 +43,12 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     newest run and checkpoint by default) and score them; arguments left None come from the recipe's
     `[fid]` section (`num`, `ref`, `steps`, `cfg`, `solver`, `resolution`); `clip_x0` None clips pixel models. Writes and returns the score
     JSON, extended with the run, checkpoint and sampler settings."""
-    from wdmctl.fid.inception import default_device, load_inception
-    from wdmctl.pipeline import require_intact_pipeline, write_json_atomic
-    from wdmctl.runs import checkpoint_pipeline, find_run
-    from wdmctl.sampling import generate_images
-
     run_dir = Path(find_run(run))
     section = _recipe_fid_section(run_dir)
     num = int(num or section.get("num", DEFAULT_NUM))
     steps = steps if steps is not None else section.get("steps")
     cfg = cfg if cfg is not None else section.get("cfg")
-    solver = solver or section.get("solver")
-    solver = None if solver == "auto" else solver   # None: the saved recipe's sampler, else the default
+    solver = solver or section.get("solver")   # "auto" or None: the saved recipe's sampler, else the default
     ref_spec = ref or section.get("ref")
     if not ref_spec:
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "

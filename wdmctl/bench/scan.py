@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from wdmctl.bench import profile_kernels
+from wdmctl.core.timing import profile_kernels
 from wdmctl.scan import available_backends, selective_scan
+from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
+from wdmctl.scan.torch_scan import causal_conv1d_torch
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
 TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only
@@ -125,9 +127,9 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                 del x
     payload: dict[str, Any] = {"benchmark": "selective_scan", "rows": rows, "speedup_vs_mamba_ssm": _speedups(rows)}
     if "triton" in usable:
-        from wdmctl.scan import triton_scan
+        from wdmctl.scan.triton.launch import tuned_configs  # here: triton is a heavy, optional dependency
 
-        payload["triton_configs"] = {k: list(v) for k, v in triton_scan.tuned_configs().items()}
+        payload["triton_configs"] = {k: list(v) for k, v in tuned_configs().items()}
         if profile:
             payload["triton_profile"] = {}
             for batch, d, length in shapes:
@@ -170,14 +172,11 @@ def _speedups(rows: list[dict]) -> list[dict]:
 def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, iters: int = 10) -> list[dict]:
     """Causal conv1d + SiLU forward and forward+backward ms: torch, causal-conv1d (via mamba_ssm's route)
     and triton, on a (batch, d, L) view of (batch, L, d) memory like the model's."""
-    from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
-    from wdmctl.scan.torch_scan import causal_conv1d_torch
-
     impls = {"torch": causal_conv1d_torch}
     if _has("causal_conv1d"):
         impls["causal_conv1d"] = causal_conv1d_mamba
     if "triton" in available_backends("cuda"):
-        from wdmctl.scan.triton_scan import causal_conv1d_triton
+        from wdmctl.scan.triton import causal_conv1d_triton  # here: triton is a heavy, optional dependency
 
         impls["triton"] = causal_conv1d_triton
     rows = []

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 15's architecture ablation on CIFAR-10 pixels: every arm is recipes/cifar10.toml with one model key
+# changed, the same short-run recipe (that of scripts/gpu-cifar10.sh: lr 4e-4, 200 warm-up steps, EMA 0.999 with
+# warm-up, CUDA-graphed steps), the same steps, batch and seed. Arms train side by side on one GPU, each in its
+# own process (under CUDA MPS when the machine has it, so the small models' kernels overlap), then each gets a
+# 10x10 grid (50 steps, one class per column, cfg 1.5) and an FID against CIFAR-10 train statistics (20
+# DPM-Solver++ steps, cfg 1, bf16).
+#
+#   scripts/gpu-ablation.sh train WORK DATA STEPS SEED ARM...   # start the arms in the background (setsid)
+#   scripts/gpu-ablation.sh status WORK                         # last log line of each arm
+#   scripts/gpu-ablation.sh score WORK DATA INCEPTION NUM ARM...  # grids + FID-NUM of finished arms
+#
+# WORK holds the cache, the runs (WORK/runs/ARM) and the scores; DATA is the CIFAR-10 train folder or archive.
+set -euo pipefail
+
+arm_overrides() {  # the recipe keys of each arm: one change from the default WDM-S/2 (cycle)
+  case $1 in
+    cycle)          echo "" ;;
+    bidirectional)  echo 'model.scan="bidirectional"' ;;
+    zigzag)         echo 'model.token_order="zigzag"' ;;
+    pads)           echo 'model.pad_tokens=3' ;;
+    conv2d)         echo 'model.mixer_conv="2d"' ;;
+    zeroinit)       echo 'model.zero_init=true' ;;
+    sincos)         echo 'model.position_embedding="sincos"' ;;
+    smoother)       echo 'model.smoother=true' ;;
+    offset2)        echo 'model.cycle_offset=2' ;;
+    uvit)           echo 'model.preset="UViT-S/2"' ;;
+    *+*)            local a; for a in ${1//+/ }; do arm_overrides "$a"; done ;;   # a combination: cycle's keys for each part
+    *) echo "unknown arm: $1" >&2; exit 2 ;;
+  esac
+}
+
+start_mps() {  # the arms are small: under MPS their kernels run concurrently instead of time-sliced
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "no MPS on this machine: arms are time-sliced"; return; }
+  pgrep -x nvidia-cuda-mps >/dev/null && { echo "MPS already running"; return; }
+  nvidia-cuda-mps-control -d || { echo "MPS did not start"; return; }
+  if timeout 60 python -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    echo "MPS running"
+  else
+    echo quit | nvidia-cuda-mps-control || true; echo "MPS did not work: stopped, arms are time-sliced"
+  fi
+}
+
+cmd=$1; shift
+case $cmd in
+  train)
+    work=$1 data=$2 steps=$3 seed=$4; shift 4
+    mkdir -p "$work/logs"
+    [ -f "$work/cache/manifest.json" ] || python -m wdmctl cache "$data" --out "$work/cache" --resolution 32 --vae none --device cuda
+    start_mps
+    for arm in "$@"; do
+      sets=()
+      for kv in $(arm_overrides "$arm"); do sets+=(--set "$kv"); done
+      setsid nohup python -m wdmctl train recipes/cifar10.toml --runs-dir "$work/runs/$arm" --max-steps "$steps" \
+        --set data.cache="\"$work/cache\"" --set data.num_workers=2 --set train.seed="$seed" \
+        --set optim.warmup_steps=200 --set optim.lr=4e-4 --set ema.decay=0.999 --set ema.warmup=true \
+        --set train.cuda_graph=true --set train.checkpoint_every="$steps" --set sample.every=0 \
+        --set log.tensorboard=false "${sets[@]}" > "$work/logs/$arm.log" 2>&1 < /dev/null &
+      echo "started $arm: ${sets[*]:-(default)}"
+    done
+    ;;
+  status)
+    work=$1
+    for log in "$work"/logs/*.log; do echo "$(basename "$log" .log): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1)"; done
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
+    ;;
+  score)
+    work=$1 data=$2 inception=$3 num=$4; shift 4
+    mkdir -p "$work/scores"
+    ref=$work/ref-cifar10-train-32.npz
+    [ -f "$ref" ] || python -m wdmctl fid ref "$data" --resolution 32 --out "$ref" --inception "$inception" --batch-size 500
+    score_arm() {
+      local arm=$1 run; run=$(ls -d "$work/runs/$arm"/*/ | sort | tail -n 1)
+      python -m wdmctl sample --run "$run" --n 100 --class 0,1,2,3,4,5,6,7,8,9 --steps 50 --batch-size 100 \
+        --out "$work/scores/$arm-samples" --overwrite > /dev/null
+      python -m wdmctl fid --run "$run" --num "$num" --steps 20 --cfg 1.0 --batch-size 1000 --precision bf16 \
+        --ref "$ref" --inception "$inception" --json --overwrite > "$work/scores/$arm-fid$num.json"
+      cp "$run/stats.jsonl" "$work/scores/$arm-stats.jsonl"
+    }
+    for arm in "$@"; do score_arm "$arm" > "$work/logs/score-$arm.log" 2>&1 & done   # side by side, as in training
+    wait
+    for arm in "$@"; do
+      echo "$arm: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['fid'], 2))" "$work/scores/$arm-fid$num.json" 2>/dev/null || tail -n 2 "$work/logs/score-$arm.log")"
+    done
+    ;;
+  *) echo "usage: $0 train|status|score ..." >&2; exit 2 ;;
+esac

@@ -1,0 +1,223 @@
+"""The selective-scan kernels: forward, and the two backward passes (forward time, then reverse time)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from wdmctl.scan.triton.common import (LN2, _delta, _load_step, _memory_index, _program_setup, _sigmoid,
+                                       _store_channel_sum)
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+# The state's register layout follows Triton's layout for the (N, BD) tiles we load (A^T, scratch). Those
+# are indexed n * DIM + d with DIM unspecialised: contiguous along d but of unknown alignment, so Triton
+# puts consecutive lanes on consecutive channels, one element per thread per row, and every state of a
+# channel in that channel's thread. (A vectorised or n-contiguous A tile would split a channel's states
+# over lanes: a shuffle per state in every sum over N.) Channel strides are kept opaque (not specialised
+# to 1) for the same reason: vectorised channel loads would need a layout conversion each step. Channel
+# loads stay coalesced (32 neighbouring channels per warp instruction), just not vectorised.
+_CHANNEL_STRIDES = ["s_ud", "s_dd", "s_zd", "s_yd", "s_gd", "s_dzd", "s_dud", "s_ddd"]
+
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_yb, s_yd, s_yl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
+):
+    """y[b, d, t] for one batch row and BD channels; h is an (NP, BD) register tile. A_ptr is A^T: (N, D)
+    fp32; bc_ptr holds B_t and C_t side by side, (batch, L, 2, NP) fp32 (see _pack_bc)."""
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, _pg, pb, _pf, _pp, _nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, u_ptr, y_ptr, y_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ub, s_ud, HAS_D, HAS_BIAS, NP, BD, 1, PAIR)
+    py = y_ptr + b * s_yb + offs_d * s_yd
+
+    tn = _memory_index(0, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+    # prefetched inputs of the next step (loop-carried so their loads overlap this step's math)
+    u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
+                                                    HAS_Z, False, False, NP)
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    for i in range(L):
+        t = tn
+        u = u_n.to(tl.float32)
+        dl = dl_n.to(tl.float32)
+        Bt = b_n
+        Ct = c_n
+        zt = z_n.to(tl.float32)
+        tn = _memory_index(tl.minimum(i + 1, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
+                                                        HAS_Z, False, False, NP)
+
+        dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
+        h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
+        y = tl.sum(h * Ct[:, None], axis=0)
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            y = y * zt * _sigmoid(zt)
+        tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
+
+# ----------------------------------------------------------------------------------------------------
+# Backward pass 1: forward time. Recompute h; write dz, f = g * sum_n A C h, dC partials, chunk states.
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_bwd1_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
+    dz_ptr, f_ptr, dcp_ptr, accf_ptr, ck_ptr, ds_ptr,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_dzb, s_dzd, s_dzl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
+):
+    """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
+    accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
+    at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk.
+    t indexes memory; the chunks are cut in scan order."""
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdc, nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dcp_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
+    pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
+
+    h = tl.zeros([NP, BD], dtype=tl.float32)
+    accf = tl.zeros([NP, BD], dtype=tl.float32)
+    for c in range(nc):
+        start = c * CHUNK
+        stop = tl.minimum(start + CHUNK, L)
+        # each chunk loads its first step afresh: nothing prefetched is carried across chunks (carrying B_t
+        # and C_t through both loops made Triton load them in another layout and convert every step)
+        tn = _memory_index(start, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
+                                                        md, HAS_Z, True, False, NP)
+        loc = tl.zeros([BD], dtype=tl.float32)
+        for s in range(start, stop):
+            t = tn
+            u = u_n.to(tl.float32)
+            dl = dl_n.to(tl.float32)
+            go = g_n.to(tl.float32)
+            Bt = b_n
+            Ct = c_n
+            zt = z_n.to(tl.float32)
+            tn = _memory_index(tl.minimum(s + 1, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+            u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pu, pb, tn, s_ul, s_dl, s_zl, s_gl,
+                                                            DIM, md, HAS_Z, True, False, NP)
+
+            dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
+            h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
+            hc = h * Ct[:, None]
+            y = tl.sum(hc, axis=0)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                sz = _sigmoid(zt)
+                g = go * zt * sz
+                tl.store(pdz + t * s_dzl, (go * y * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=md)
+            else:
+                g = go
+            tl.store(pf + t * DIM, g * tl.sum(A2 * hc, axis=0) * LN2, mask=md)
+            _store_channel_sum(h * g[None, :], dcp_ptr, b, offs_d, offs_n, mn, t, DIM, L, N, pdc, LANE_SUM, LANE_SUM_IO, NP)
+            loc += dl
+            accf += hc * (g * loc)[None, :]
+        # the chunk's delta sum and final state
+        tl.store(ds_ptr + (b * nc + c) * DIM + offs_d, loc, mask=md)
+        tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)
+    tl.store(accf_ptr + b * N * DIM + nd_off, accf, mask=mnd)
+
+# ----------------------------------------------------------------------------------------------------
+# Backward pass 2: reverse time. dh recurrence; du, ddelta, dB partials, dA, dD, d(delta_bias) per row.
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+def _scan_bwd2_kernel(
+    u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
+    f_ptr, accf_ptr, ck_ptr, ds_ptr,
+    du_ptr, ddl_ptr, dbp_ptr, dap_ptr, ddp_ptr, dbiasp_ptr,
+    BATCH, DIM, L, N, NUM_EXTRA, GRID_W,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+    LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
+):
+    """Walks scan positions s = L-1 .. 0 (memory index t: _memory_index). `carry` holds
+    e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
+    reset exactly from the stored state at each chunk start; `loc` is delta summed from the chunk start
+    to s."""
+    b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdb, nc = _program_setup(
+        u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dbp_ptr, BATCH, DIM, L, N,
+        s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
+    pdu = du_ptr + b * s_dub + offs_d * s_dud
+    pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
+
+    acc = tl.load(accf_ptr + b * N * DIM + nd_off, mask=mnd, other=0.0)
+    carry = tl.zeros([NP, BD], dtype=tl.float32)
+    S = tl.zeros([BD], dtype=tl.float32)
+    dd_acc = tl.zeros([BD], dtype=tl.float32)
+    dbias_acc = tl.zeros([BD], dtype=tl.float32)
+    for ci in range(nc):
+        c = nc - 1 - ci
+        start = c * CHUNK
+        stop = tl.minimum(start + CHUNK, L)
+        loc = tl.load(ds_ptr + (b * nc + c) * DIM + offs_d, mask=md, other=0.0)
+        # each chunk loads its last step afresh (see _scan_bwd1_kernel)
+        tn = _memory_index(stop - 1, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl, DIM,
+                                                        md, HAS_Z, True, True, NP)
+        for j in range(stop - start):
+            s = stop - 1 - j
+            t = tn
+            u = u_n.to(tl.float32)
+            raw = dl_n.to(tl.float32)
+            go = g_n.to(tl.float32)
+            f = f_n
+            Bt = b_n
+            Ct = c_n
+            zt = z_n.to(tl.float32)
+            tn = _memory_index(tl.maximum(s - 1, 0), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+            u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pg, pf, pb, tn, s_ul, s_dl, s_zl, s_gl,
+                                                            DIM, md, HAS_Z, True, True, NP)
+
+            dl, slope = _delta(raw, bias, HAS_BIAS, SOFTPLUS)
+            if HAS_Z:
+                g = go * zt * _sigmoid(zt)
+            else:
+                g = go
+            dh = carry + g[None, :] * Ct[:, None]
+            carry = tl.exp2(dl[None, :] * A2) * dh
+            dhb = dh * Bt[:, None]
+            sdhb = tl.sum(dhb, axis=0)
+            dtu = dl * u
+            S += f - dtu * tl.sum(A2 * dhb, axis=0) * LN2
+            ddt = S + u * sdhb
+            acc -= dhb * (dtu * loc)[None, :]
+            loc -= dl
+            _store_channel_sum(dh * dtu[None, :], dbp_ptr, b, offs_d, offs_n, mn, t, DIM, L, N, pdb, LANE_SUM, LANE_SUM_IO, NP)
+            du = dl * sdhb
+            if HAS_D:
+                du += Dv * g
+                dd_acc += g * u
+            ddt = ddt * slope
+            dbias_acc += ddt
+            tl.store(pdu + t * s_dul, du.to(du_ptr.dtype.element_ty), mask=md)
+            tl.store(pddl + t * s_ddl, ddt.to(ddl_ptr.dtype.element_ty), mask=md)
+        # chunk c is done and carry = e^{a_s} dh_s at its first step s: G_s = carry * h_{s-1} exactly, which
+        # closes chunk c-1's dA sum (G_s times that chunk's delta sum) and restarts S. For c = 0 there is no
+        # earlier chunk: read slot 0 and weigh it by 0.
+        cp = tl.maximum(c - 1, 0)
+        hprev = tl.load(ck_ptr + (b * nc + cp) * N * DIM + nd_off, mask=mnd, other=0.0)
+        dsp = tl.load(ds_ptr + (b * nc + cp) * DIM + offs_d, mask=md, other=0.0) * (c > 0).to(tl.float32)
+        G = carry * hprev
+        acc += G * dsp[None, :]
+        S = tl.sum(A2 * G, axis=0) * LN2
+    tl.store(dap_ptr + b * N * DIM + nd_off, acc, mask=mnd)
+    tl.store(ddp_ptr + b * DIM + offs_d, dd_acc, mask=md)
+    tl.store(dbiasp_ptr + b * DIM + offs_d, dbias_acc, mask=md)
