@@ -76,6 +76,13 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def one_warning_line(err: str) -> str:
+    """stderr holds exactly one line, a warning."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: "), err
+    return lines[0]
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by relative path: proves nothing intact was lost or changed."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -121,9 +128,12 @@ def checkpoint(runs: Path, step: int) -> Path:
 def test_truncated_newest_checkpoint_resumes_from_the_one_before(cache, runs, reference, capsys, damaged):
     truncate(checkpoint(runs, 4) / damaged)
     intact = snapshot(checkpoint(runs, 2))
+    code, out, err = cli(capsys, *train_argv(cache, runs, "--dry-run"))  # the plan says it too
+    assert code == 0 and "\nwarning: skipped damaged checkpoint step-0000004 (" in out
+    assert f"resume: {checkpoint(runs, 2)}" in out
     code, out, err = cli(capsys, *train_argv(cache, runs))
     assert code == 0, err
-    (warning,) = [line for line in out.splitlines() if "damaged" in line]
+    warning = one_warning_line(err)
     assert f"skipped damaged checkpoint step-0000004 ({checkpoint(runs, 4) / damaged}: cut short" in warning
     assert warning.endswith("resuming from step-0000002")
     assert f"resumed from {checkpoint(runs, 2)} at step 2" in out and warning in (runs / RUN / "log.txt").read_text()
@@ -141,7 +151,7 @@ def test_resume_path_to_a_damaged_checkpoint_is_an_error(cache, runs, capsys):
     assert snapshot(runs) == before
     # the run folder instead of the checkpoint: its newest intact checkpoint, with the warning
     code, out, err = cli(capsys, *train_argv(cache, runs, "--resume", str(runs / RUN)))
-    assert code == 0 and "resuming from step-0000002" in out
+    assert code == 0 and "resuming from step-0000002" in one_warning_line(err)
 
 
 @pytest.mark.parametrize("damaged", ["trainer_state.json", "pipeline/wdmctl.json"])
@@ -151,8 +161,7 @@ def test_invalid_checkpoint_json_is_detected_and_skipped(cache, runs, reference,
     intact = snapshot(checkpoint(runs, 2))
     code, out, err = cli(capsys, *train_argv(cache, runs))
     assert code == 0, err
-    (warning,) = [line for line in out.splitlines() if "damaged" in line]
-    assert f"{checkpoint(runs, 4) / damaged}: invalid JSON" in warning
+    assert f"{checkpoint(runs, 4) / damaged}: invalid JSON" in one_warning_line(err)
     assert snapshot(checkpoint(runs, 2)) == intact
     assert_bitwise_equal(state_of(checkpoint(runs, 4)), reference)
 

@@ -16,7 +16,7 @@ place that writes files into a checkpoint.
 
 A checkpoint is intact when its integrity.json (written last, so a checkpoint without one is incomplete)
 matches every file it lists and its trainer_state.json names the folder's step. Resume hashes the checkpoint
-it is about to load (it reads those bytes anyway) and falls back past damaged ones with a note; pruning
+it is about to load (it reads those bytes anyway) and falls back past damaged ones with a warning; pruning
 and messages use the cheap check (sizes, safetensors framing, JSON). Pruning never deletes a damaged
 checkpoint: it is the user's to inspect or remove.
 """
@@ -211,7 +211,7 @@ def describe_newest_intact(run_dir: str | Path) -> str:
 
 
 def resume_point(run_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest intact checkpoint of a run (hashed), and a one-line note for each newer one skipped as
+    """The newest intact checkpoint of a run (hashed), and a one-line warning for each newer one skipped as
     damaged or incomplete. (None, []) for a run without checkpoints; a one-line error when it has some but
     none is intact (starting it over would bury them under new ones), or when they are of the old layout."""
     skipped: list[tuple[Path, str]] = []

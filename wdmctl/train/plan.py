@@ -25,6 +25,7 @@ class RunPlan:
     run_dir: Path | None = None         # None: a new run folder will be created
     resume_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # something is wrong but training goes on (a damaged checkpoint skipped)
 
     @property
     def suffix(self) -> str:
@@ -35,7 +36,7 @@ class RunPlan:
         lines = [f"run: {where}"]
         if self.resume_from is not None:
             lines.append(f"resume: {self.resume_from}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes])
 
 
 def load_cache_manifest(recipe: cfg.Recipe, required: bool = True) -> dict[str, Any] | None:
@@ -55,7 +56,7 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
 
     - `resume="none"`: a new run.
     - `"latest"`: the newest run of the same recipe and model, resumed from its newest intact checkpoint (a
-      note for each newer one that is damaged or incomplete), unless its recipe differs in a key that
+      warning for each newer one that is damaged or incomplete), unless its recipe differs in a key that
       changes the optimisation (then a new run, with a note saying why).
     - a path: a run folder resumes from its newest intact checkpoint, as above; a checkpoint folder must be
       intact (else a one-line error). The model must be the same. A checkpoint that is not its run's newest
@@ -80,8 +81,7 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
             plan.notes.append(f"not resuming {run}: {why}; starting a new run (--resume {run} forces it)")
             return plan
         plan.run_dir = run
-        plan.resume_from, skipped = resume_point(run)  # past damaged or incomplete checkpoints, each noted
-        plan.notes.extend(skipped)
+        plan.resume_from, plan.warnings = resume_point(run)  # past damaged or incomplete checkpoints, each warned of
         if changed[1]:
             plan.notes.append(f"resuming with changed settings: {_describe_changes(changed[1])}")
         return plan
@@ -91,8 +91,7 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
         require_resumable(checkpoint, resume)
         newest = newest_intact_checkpoint(run)
     else:  # a run folder: its newest intact checkpoint, past damaged ones
-        checkpoint, skipped = resume_point(run)
-        plan.notes.extend(skipped)
+        checkpoint, plan.warnings = resume_point(run)
         newest = checkpoint
     changed = _recipe_changes(run, resolved)
     if changed is not None:

@@ -85,19 +85,20 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
             text = f"# resolved recipe of {run_dir.name} (from {recipe_name}; wdmctl train)\n" + cfg.to_toml(plan.recipe)
             if not old.exists() or old.read_text() != text:
                 write_text_atomic(old, text)
-            decision = [(str(run_dir), str(plan.resume_from) if plan.resume_from else None, plan.notes, None)]
+            decision = [(str(run_dir), str(plan.resume_from) if plan.resume_from else None, plan.warnings,
+                         plan.notes, None)]
         except WdmError as err:
             if lock is not None:
                 lock.release()
                 lock = None
-            decision = [(None, None, [], str(err))]
+            decision = [(None, None, [], [], str(err))]
     if state.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
-    run_dir_text, resume_text, notes, error = decision[0]
+    run_dir_text, resume_text, warnings, notes, error = decision[0]
     if error:
         raise WdmError(error)
     try:
-        return _train_in(Path(run_dir_text), resume_text, notes, recipe, state)
+        return _train_in(Path(run_dir_text), resume_text, warnings, notes, recipe, state)
     except OSError as err:  # a full disk while writing logs or grids (checkpoints: save_checkpoint)
         failure = write_failure(err, run_dir_text, "training", describe_newest_intact(run_dir_text))
         if failure is None:
@@ -108,7 +109,8 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
             lock.release()
 
 
-def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: cfg.Recipe, state) -> Path:
+def _train_in(run_dir: Path, resume_text: str | None, warnings: list[str], notes: list[str], recipe: cfg.Recipe,
+              state) -> Path:
     """The part of `train` after the run folder is decided (and locked)."""
     from accelerate import Accelerator  # here: see train
     from accelerate.utils import ProjectConfiguration
@@ -134,6 +136,8 @@ def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: 
         raise WdmError(f"train.cuda_graph needs one CUDA GPU; this run has {world} process(es) on {device.type}")
     reporter = Reporter(run_dir, accelerator.is_main_process)
     try:
+        for warning in warnings:
+            reporter.warn(warning)
         for note in notes:
             reporter.line(f"note: {note}")
         resolve_backend(recipe.model.scan_backend, device.type)  # unknown/uninstalled backend: one-line error
