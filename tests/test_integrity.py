@@ -103,3 +103,21 @@ def test_file_problem_of_a_single_file(tmp_path):
     assert file_problem(path, record) is None
     assert file_problem(path, record, full=True) == "changed since it was written (sha256 differs)"
 
+
+def test_a_sub_folders_records_are_taken_over_not_hashed_again(folder):
+    """A checkpoint's pipeline/ has its own integrity.json, written just before the checkpoint's: the weights are
+    hashed once. A record taken over from a stale sub-folder manifest fails the check rather than passing it."""
+    sub = folder / "sub"
+    write_integrity(sub)
+    (inner,) = json.loads((sub / INTEGRITY_FILE).read_text())["files"]
+    weights = sub / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # changed after sub/ recorded it: same size, valid framing
+    weights.write_bytes(bytes(data))
+    write_integrity(folder)
+    records = {r["file"]: r for r in json.loads((folder / INTEGRITY_FILE).read_text())["files"]}
+    assert records["sub/weights.safetensors"] == {**inner, "file": "sub/weights.safetensors"}  # not hashed again
+    assert records["sub/integrity.json"] == file_record(sub / INTEGRITY_FILE, "sub/integrity.json")
+    assert records["meta.json"] == file_record(folder / "meta.json")  # a file with no sub-folder record is hashed
+    assert folder_problems(folder, full=True) == [("sub/weights.safetensors",
+                                                   "changed since it was written (sha256 differs)")]

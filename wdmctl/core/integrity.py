@@ -102,8 +102,18 @@ def write_integrity(folder: str | Path) -> Path:
     the folder is written: its presence is what says the folder is complete."""
     folder = Path(folder)
     path = folder / INTEGRITY_FILE
+    # a sub-folder written as a whole just before (a checkpoint's pipeline/) has its own integrity.json: its
+    # records are taken over rather than hashing gigabytes of weights twice (a stale one fails the check)
+    known: dict[str, dict[str, Any]] = {}
+    for nested in sorted(p for p in folder.rglob(INTEGRITY_FILE) if p != path):
+        prefix = nested.parent.relative_to(folder).as_posix()
+        for record in read_integrity(nested.parent) or []:
+            known.setdefault(f"{prefix}/{record['file']}", record)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != path)  # a sub-folder's own is covered
-    records = [file_record(p, p.relative_to(folder).as_posix()) for p in files]
+    records = []
+    for file in files:
+        name = file.relative_to(folder).as_posix()
+        records.append({**known[name], "file": name} if name in known else file_record(file, name))
     write_json_atomic(path, {"format": FORMAT, "files": records})
     return path
 
