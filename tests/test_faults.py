@@ -69,18 +69,19 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return info.value.code, out, err
 
 
-def one_error_line(err: str) -> str:
-    """stderr holds exactly one line, the error."""
+def one_line(err: str, kind: str) -> str:
+    """stderr holds exactly one line, of `kind` ("error" or "warning")."""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith(f"{kind}: "), err
     return lines[0]
+
+
+def one_error_line(err: str) -> str:
+    return one_line(err, "error")
 
 
 def one_warning_line(err: str) -> str:
-    """stderr holds exactly one line, a warning."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: "), err
-    return lines[0]
+    return one_line(err, "warning")
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -270,11 +271,18 @@ def test_truncated_cache_shard_is_named_and_re_encoded(cache, tmp_path, capsys):
 # A full disk
 # ----------------------------------------------------------------------------------------------------
 
-def full_disk_message(line: str, runs: Path) -> None:
+def assert_full_disk_failure(code: int, err: str, runs: Path, intact: dict[str, str]) -> str:
+    """Saving step 4 failed on a full disk: exit 2, the one line naming the file, the free space and step 2 (the
+    newest intact checkpoint), step 2 unchanged, nothing half-written left. Returns the line."""
+    line = one_error_line(err)
+    assert code == 2
     assert "saving checkpoint step-0000004 failed: no space left on device writing " in line
     assert "checkpoints/.step-0000004.tmp/" in line and " free); the newest intact checkpoint is " in line
     assert line.rstrip().endswith(f"{checkpoint(runs, 2)}; free some space and rerun the same command to resume "
                                   f"from it")
+    assert snapshot(checkpoint(runs, 2)) == intact
+    assert [s for s, _ in list_checkpoints(runs / RUN)] == [2] and not list((runs / RUN / "checkpoints").glob(".*"))
+    return line
 
 
 @pytest.fixture
@@ -305,11 +313,7 @@ def test_full_disk_on_a_small_tmpfs(cache, small_disk, reference, capsys):
     resize(small_disk, used + one_checkpoint // 2)  # room for the log lines, not for the step-4 checkpoint
     intact = snapshot(checkpoint(runs, 2))
     code, out, err = cli(capsys, *train_argv(cache, runs))
-    line = one_error_line(err)
-    assert code == 2
-    full_disk_message(line, runs)
-    assert snapshot(checkpoint(runs, 2)) == intact
-    assert [s for s, _ in list_checkpoints(runs / RUN)] == [2] and not list((runs / RUN / "checkpoints").glob(".*"))
+    assert_full_disk_failure(code, err, runs, intact)
     resize(small_disk, 16 << 20)  # space freed: the same command resumes
     code, out, err = cli(capsys, *train_argv(cache, runs))
     assert code == 0, err
@@ -342,13 +346,9 @@ def test_full_disk_injected_in_process(cache, tmp_path, monkeypatch, capsys, fai
 
         monkeypatch.setattr(checkpoint_mod, "save_file", serialize_fails)
     code, _, err = cli(capsys, *train_argv(cache, runs))
-    line = one_error_line(err)
-    assert code == 2
-    full_disk_message(line, runs)
+    line = assert_full_disk_failure(code, err, runs, intact)
     written = "pipeline/half-written.safetensors" if failure == "ENOSPC" else ".step-0000004.tmp/optimizer.safetensors"
     assert f"writing {runs / RUN / 'checkpoints'}" in line and f"{written} (" in line
-    assert snapshot(checkpoint(runs, 2)) == intact
-    assert [s for s, _ in list_checkpoints(runs / RUN)] == [2] and not list((runs / RUN / "checkpoints").glob(".*"))
 
 
 # ----------------------------------------------------------------------------------------------------
