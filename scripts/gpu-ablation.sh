@@ -13,7 +13,8 @@
 # WORK holds the cache, the runs (WORK/runs/ARM) and the scores; DATA is the CIFAR-10 train folder or archive.
 set -euo pipefail
 
-arm_overrides() {  # the recipe keys of each arm: one change from the default WDM-S/2 (cycle)
+arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 (the first ablation ran before the 2-D
+                   # conv became the preset's default, so its arms were one change from the 1-D conv model)
   case $1 in
     cycle)          echo "" ;;
     bidirectional)  echo 'model.scan="bidirectional"' ;;
@@ -24,7 +25,10 @@ arm_overrides() {  # the recipe keys of each arm: one change from the default WD
     sincos)         echo 'model.position_embedding="sincos"' ;;
     smoother)       echo 'model.smoother=true' ;;
     offset2)        echo 'model.cycle_offset=2' ;;
+    conv1d)         echo 'model.mixer_conv="causal1d"' ;;      # Mamba's conv: the default before issue 15
     uvit)           echo 'model.preset="UViT-S/2"' ;;
+    umamba)         echo 'model.preset="UMamba-S/2"' ;;        # Table 1: one U
+    dim)            echo 'model.preset="DiM-S/2"' ;;           # Table 1: DiM-style plain stack
     *+*)            local a; for a in ${1//+/ }; do arm_overrides "$a"; done ;;   # a combination: cycle's keys for each part
     *) echo "unknown arm: $1" >&2; exit 2 ;;
   esac

@@ -15,16 +15,16 @@ from wdmctl.scan import transpose_patch_grid
 
 # Parameter counts pinned so an accidental architecture change shows up here (and in README's table).
 EXPECTED_PARAMS = {
-    "WDM-S/2": 30_105_764, "WDM-B/2": 116_981_924, "WDM-L/2": 206_438_564, "WDM-XL/2": 461_045_924,
-    "UMamba-B/2": 60_858_020, "UMamba-XL/2": 238_795_940,
+    "WDM-S/2": 30_225_572, "WDM-B/2": 117_221_540, "WDM-L/2": 206_758_052, "WDM-XL/2": 461_525_156,
+    "UMamba-S/2": 29_256_356, "DiM-S/2": 29_589_668, "UMamba-B/2": 60_977_828, "UMamba-XL/2": 239_035_556,
     "UViT-S/2": 29_427_620, "UViT-B/2": 116_362_916, "UViT-L/2": 206_268_580, "UViT-XL/2": 462_757_028,
 }
 
 
-def tiny(**kw):
+def tiny(preset="WDM-S/2", **kw):
     args = dict(width=32, depth=2, sample_size=8, in_channels=3, num_classes=10)
     args.update(kw)
-    return build_model(kw.pop("preset", "WDM-S/2"), **args)
+    return build_model(preset, **args)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -38,6 +38,20 @@ def test_preset_parameter_counts_and_shapes(name):
 
 def test_paper_model_has_463M_parameters_within_2_percent():
     assert abs(EXPECTED_PARAMS["WDM-XL/2"] / 463e6 - 1) < 0.02
+
+
+def test_table1_arms_match_wdm_s2_within_5_percent():
+    for name in ("UMamba-S/2", "DiM-S/2", "UViT-S/2"):
+        assert abs(EXPECTED_PARAMS[name] / EXPECTED_PARAMS["WDM-S/2"] - 1) < 0.05, name
+
+
+def test_plain_stack_has_no_long_skips_and_trains_every_parameter():
+    model = tiny(preset="DiM-S/2", depth=5, scan_backend="torch")
+    blocks = [m for m in model.modules() if isinstance(m, MambaBlock)]
+    assert len(blocks) == 5 and all(b.skip_linear is None for b in blocks)
+    assert [b.order for b in blocks] == [CYCLE[i % 4] for i in range(5)]
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
     # the same-size U-ViT really is the same size (within 2%)
     assert abs(EXPECTED_PARAMS["UViT-B/2"] / EXPECTED_PARAMS["WDM-B/2"] - 1) < 0.02
 

@@ -81,8 +81,12 @@ def test_cli_writes_pngs_grid_metadata_npz(saved_model, tmp_path):
     assert r.exit_code == 0, r.output
     pngs = sorted(out.glob("0*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (3 * 10 + 2, 2 * 10 + 2)  # 3 columns x 2 rows of 8 px with 2 px padding
+    grid = np.asarray(Image.open(out / "grid.png"))
+    # 3 columns x 2 rows of 8 px with 2 px padding (32 x 22), enlarged 16x to reach 512 px, without smoothing
+    assert grid.shape[:2] == (16 * 22, 16 * 32)
+    first = np.asarray(Image.open(pngs[0]))
+    np.testing.assert_array_equal(grid[32:32 + 128:16, 32:32 + 128:16], first)     # one pixel per 16x16 block
+    np.testing.assert_array_equal(grid[32 + 15:32 + 128:16, 32 + 15:32 + 128:16], first)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["classes"] == [3, 7, 3, 7, 3] and meta["class_names"][1] == "c7"
     assert meta["steps"] == 2 and meta["cfg"] == 2.0 and meta["solver"] == "dpm++2m" and meta["ema"] is True

@@ -138,7 +138,7 @@ class SampleSection:
 
 @dataclass
 class FidSection:
-    """Defaults that `wdmctl fid` reads from a checkpoint."""
+    """Defaults that `wdmctl fid` reads from a checkpoint, and the FID measured during training."""
 
     num: int = 50_000
     ref: str = ""                       # reference: a stats .npz, an image folder/archive, or `digits`
@@ -146,6 +146,10 @@ class FidSection:
     steps: int = DEFAULT_STEPS
     cfg: float = DEFAULT_CFG
     solver: str = "auto"                # auto = dpm++2m with guidance, dpm++3m without
+    every: int = 0                      # FID of the EMA weights every N training steps (0 = never)
+    every_num: int = 5000               # images per FID during training (FID-K, biased high for small K)
+    every_batch_size: int = 500         # sampling batch of those FIDs
+    inception: str = ""                 # Inception weights for them ("" = the usual search: docs/fid.md)
 
 
 @dataclass
@@ -414,6 +418,10 @@ def validate(recipe: Recipe) -> None:
     _check(s.seed >= 0, f"sample.seed must be >= 0, got {s.seed}")
     _check(f.num >= 1, f"fid.num must be >= 1, got {f.num}")
     _check(f.resolution >= 0, f"fid.resolution must be >= 0 (0 = the cache's), got {f.resolution}")
+    _check(f.every >= 0, f"fid.every must be >= 0 (0 = no FID during training), got {f.every}")
+    _check(f.every_num >= 2, f"fid.every_num must be >= 2, got {f.every_num}")
+    _check(f.every_batch_size >= 1, f"fid.every_batch_size must be >= 1, got {f.every_batch_size}")
+    _check(not f.every or bool(f.ref), "fid.every needs fid.ref: reference statistics (.npz) or an image source")
     _check(lg.every >= 1, f"log.every must be >= 1, got {lg.every}")
 
 

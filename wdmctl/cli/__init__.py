@@ -13,6 +13,7 @@ from wdmctl.cli import cache as _cache  # noqa: F401,E402
 from wdmctl.cli import export as _export  # noqa: F401,E402
 from wdmctl.cli import fid as _fid  # noqa: F401,E402
 from wdmctl.cli import model as _model  # noqa: F401,E402
+from wdmctl.cli import report as _report  # noqa: F401,E402
 from wdmctl.cli import sample as _sample  # noqa: F401,E402
 from wdmctl.cli import train as _train  # noqa: F401,E402
 

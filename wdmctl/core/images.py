@@ -17,8 +17,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, padding: int = 2) -> Path:
-    """Tile uint8 NHWC images into one PNG (about square), written atomically."""
+GRID_MIN_WIDTH = 512  # small images (8 px digits, 32 px CIFAR) are enlarged to be seen without zooming
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, padding: int = 2,
+              min_width: int = GRID_MIN_WIDTH) -> Path:
+    """Tile uint8 NHWC images into one PNG (about square), written atomically. A grid narrower than
+    `min_width` is enlarged by the smallest whole factor that reaches it, each pixel a solid square (no
+    smoothing: what is drawn is exactly what was sampled)."""
     from PIL import Image  # here: importing PIL costs the CLI's start-up and most callers never draw
 
     n, h, w, c = images.shape
@@ -29,6 +35,9 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, 
         r, col = divmod(i, columns)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
         grid[top:top + h, left:left + w] = img
+    factor = math.ceil(min_width / grid.shape[1])
+    if factor > 1:
+        grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
     png = io.BytesIO()
     Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(png, format="PNG")
     return write_bytes_atomic(path, png.getbuffer())

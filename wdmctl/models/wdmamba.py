@@ -9,14 +9,19 @@ Reads top to bottom like the paper's Figure 2:
     RMSNorm -> Linear -> unpatchify -> Conv2d 3x3 -> predicted noise (B, C, H, W)
 
 Each Mamba block: pre-norm RMSNorm, adaLN-single modulation (shift/scale/gate from one shared MLP of the
-conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual.
+conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual. The mixer's
+local conv is a depthwise 3x3 over the patch grid in the presets (`mixer_conv="2d"`: Mamba's causal conv1d
+along the scan drew stripes, docs/results.md) or Mamba's own (`"causal1d"`).
 Scan orders cycle from block to block over row-major forward, row-major backward, column-major forward
 and column-major backward (`scan="cycle"`), or every block scans both directions of one orientation
 (`scan="bidirectional"`). Row-major order is restored after every block, so long skips, the position
 embedding and unpatchify all see tokens in the same order.
 
-The same class builds the paper's comparisons: `arch="umamba"` (one U of 6+1+6 Mamba blocks, the
-ablation) and `arch="uvit"` (U-ViT: transformer blocks with the same long skips).
+The same class builds the paper's comparisons: `arch="umamba"` (one U of Mamba blocks, the ablation),
+`arch="stack"` (DiM-style blocks in a row, no long skips) and `arch="uvit"` (U-ViT: transformer blocks with
+the same long skips). Issue 15's other options (zigzag orders, pad tokens, smoothers, sin-cos positions,
+adaLN-Zero, a cycle offset) are constructor arguments; embeddings live in embeddings.py and the scan-order
+copies of zigzag orders and pad tokens in token_order.py.
 Differences from the paper's text and released code are listed in docs/architecture.md.
 
 Activations stay in (batch, tokens, channels) layout and in row-major token order; the scan reads
@@ -36,6 +41,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
+from wdmctl.models.embeddings import TimestepEmbedder, sincos_2d_embedding
 from wdmctl.models.norm_modulate import gated_residual, norm_modulate
 from wdmctl.models.token_order import ScanLayout
 from wdmctl.scan import (
@@ -47,7 +53,7 @@ from wdmctl.scan import (
     transpose_patch_grid,
 )
 
-ARCHS = ("wdmamba", "umamba", "uvit")
+ARCHS = ("wdmamba", "umamba", "stack", "uvit")
 SCAN_MODES = ("cycle", "bidirectional")
 TOKEN_ORDERS = ("raster", "zigzag")
 MIXER_CONVS = ("causal1d", "2d")
@@ -56,43 +62,6 @@ CYCLE = ("row", "row_reverse", "column", "column_reverse")
 # the vocabulary of every string argument of WDMamba, checked by the constructor and by recipe validation
 CHOICES = {"arch": ARCHS, "scan": SCAN_MODES, "token_order": TOKEN_ORDERS, "mixer_conv": MIXER_CONVS,
            "position_embedding": POSITION_EMBEDDINGS}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Embeddings: patches, timesteps, classes
-# ----------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps on the 0..999 scale, as in DiT/ADM."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    """256-d sinusoid -> Linear -> SiLU -> Linear: the time token and the adaLN conditioning."""
-
-    def __init__(self, width: int, frequency_dim: int = 256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
-
-
-def sincos_2d_embedding(width: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding of a grid_h x grid_w patch grid, (grid_h * grid_w, width),
-    row-major: half the channels encode the row, half the column (MAE / DiT's get_2d_sincos_pos_embed)."""
-    if width % 4:
-        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, not {width}")
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-    row_args, col_args = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
-    return torch.cat([row_args.sin(), row_args.cos(), col_args.sin(), col_args.cos()], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,6 +310,20 @@ class UStage(nn.Module):
         return x
 
 
+class PlainStack(UStage):
+    """DiM's plain stack for the paper's comparison: `depth` blocks one after another, no long skips."""
+
+    def __init__(self, make_block, depth: int):
+        nn.Module.__init__(self)
+        self.blocks = nn.ModuleList([make_block(i, False) for i in range(depth)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, modulation, grid):
+        for block in self.blocks:
+            x = self._run(block, x, modulation, None, grid)
+        return x
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
@@ -349,12 +332,13 @@ class WDMamba(ModelMixin, ConfigMixin):
     """Noise-prediction network: (x_t, t, y) -> epsilon. See the module docstring for the layout.
 
     Args:
-        arch: "wdmamba" (W-Net of two Us), "umamba" (one U) or "uvit" (one U of transformer blocks).
+        arch: "wdmamba" (W-Net of two Us), "umamba" (one U), "stack" (DiM-style: `depth` Mamba blocks in a
+            row, no long skips) or "uvit" (one U of transformer blocks).
         sample_size: trained latent/pixel side (H = W); other sizes interpolate the position embedding.
         in_channels: latent or pixel channels.
         patch_size: side of a square patch.
         width: token width D.
-        depth: encoder (and decoder) blocks per U; 6 in the paper.
+        depth: encoder (and decoder) blocks per U; 6 in the paper (for "stack": the number of blocks).
         num_classes: 0 = unconditional; otherwise label `num_classes` is the null class for CFG.
         d_state, d_conv, expand: Mamba-1 mixer sizes (N, conv width, d_inner / D).
         scan: "cycle" (one direction per block, cycling row/column x forward/backward) or "bidirectional".
@@ -438,7 +422,10 @@ class WDMamba(ModelMixin, ConfigMixin):
                               mixer_conv, token_order, pad_tokens)
 
         blocks_per_stage = 2 * depth + 1
-        self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
+        if arch == "stack":
+            self.w_net = nn.ModuleList([PlainStack(make_block, depth)])
+        else:
+            self.w_net = nn.ModuleList([UStage(make_block, depth, s * blocks_per_stage) for s in range(num_stages)])
         # DiM's "smoothers": depthwise 3x3 convs on the patch grid before and after the body
         self.smoothers = (nn.ModuleList([nn.Conv2d(width, width, 3, padding=1, groups=width) for _ in range(2)])
                           if smoother else None)

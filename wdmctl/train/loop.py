@@ -24,6 +24,7 @@ from wdmctl.errors import WdmError
 from wdmctl.runs import latest_checkpoint
 from wdmctl.train.checkpoint import TrainState, pipeline_meta, save_checkpoint
 from wdmctl.train.data import NOISE_STREAM, StepBatches, derive_seed
+from wdmctl.train.fid_monitor import FidMonitor
 from wdmctl.train.graphed import GraphedStep
 from wdmctl.train.grid import GridWriter
 from wdmctl.train.objective import EMA, diffusion_loss, learning_rate
@@ -81,11 +82,12 @@ class StepLoop:
 
     def __init__(self, accelerator, model, net, optimizer, ema: EMA, progress: TrainState, batches: StepBatches,
                  abar, null_class, recipe: cfg.Recipe, reporter: Reporter, run_dir: Path, manifest, noise_scheduler,
-                 grid: GridWriter, precision: str):
+                 grid: GridWriter, precision: str, fid_monitor: FidMonitor | None = None):
         self.accelerator, self.model, self.net, self.optimizer, self.ema = accelerator, model, net, optimizer, ema
         self.progress, self.batches, self.abar, self.null_class = progress, batches, abar, null_class
         self.recipe, self.reporter, self.run_dir, self.manifest = recipe, reporter, run_dir, manifest
         self.noise_scheduler, self.grid, self.fp16 = noise_scheduler, grid, precision == "fp16"
+        self.fid_monitor = fid_monitor
         self.last_saved = progress.step
         self.graphed = (GraphedStep(model, optimizer, abar, null_class, recipe.train.label_dropout,
                                      recipe.optim.max_grad_norm or float("inf")) if recipe.train.cuda_graph else None)
@@ -204,6 +206,8 @@ class StepLoop:
                 self._checkpoint(interval)
         if (s.every and step % s.every == 0) or last:
             self._grid(step)
+        if self.fid_monitor is not None and self.fid_monitor.due(step, last):
+            self._fid(step)
         interval.maintenance += time.perf_counter() - maintenance
 
     def _learning_rate(self, step: int) -> float:
@@ -244,6 +248,16 @@ class StepLoop:
         if self.accelerator.is_main_process:
             path = self.grid.write(self.ema.model, dict(self.noise_scheduler.config), step)
             self.reporter.line(f"samples {path}")
+        self.accelerator.wait_for_everyone()
+
+    def _fid(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            record = self.fid_monitor.measure(self.ema.model, dict(self.noise_scheduler.config), step,
+                                              self.progress.images_seen)
+            self.reporter.record(record)
+            self.accelerator.log({f"fid{record['fid_num']}": record["fid"]}, step=step)
+            self.reporter.line(f"fid{record['fid_num']} {record['fid']:.2f} at step {step} "
+                               f"({record['fid_seconds']:.0f} s)")
         self.accelerator.wait_for_everyone()
 
     def _too_many_nonfinite(self) -> None:

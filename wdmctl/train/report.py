@@ -78,7 +78,7 @@ class Reporter:
         """loss.png from stats.jsonl; without matplotlib (the `plot` extra) a note, once, instead."""
         if not self.enabled:
             return
-        records = self.records()
+        records = [r for r in self.records() if "loss" in r]   # FID records (`[fid] every`) carry no loss
         drawn = plot_loss([r["step"] for r in records], [r["loss"] for r in records], self.run_dir / "loss.png",
                           title=f"{self.run_dir.name}: training loss (mean per log interval)")
         if not drawn and not self._plot_note_given:

@@ -31,6 +31,7 @@ from wdmctl.runs import RunLock, create_run_dir
 from wdmctl.scan import resolve_backend
 from wdmctl.train.checkpoint import TrainState, describe_newest_intact, load_checkpoint
 from wdmctl.train.data import StepBatches
+from wdmctl.train.fid_monitor import FidMonitor
 from wdmctl.train.graphed import GraphedStep
 from wdmctl.train.grid import GridWriter
 from wdmctl.train.loop import StepLoop, StopFlag
@@ -184,8 +185,9 @@ def _train_in(run_dir: Path, resume_text: str | None, warnings: list[str], notes
 
         reporter.start_bar(progress.step, t.max_steps)
         grid = GridWriter(recipe, manifest, run_dir, device, precision, accelerator)
+        fid_monitor = FidMonitor(recipe, manifest, device, precision) if recipe.fid.every else None
         loop = StepLoop(accelerator, model, net, optimizer, ema, progress, batches, abar, null_class, recipe,
-                     reporter, run_dir, manifest, noise_scheduler, grid, precision)
+                        reporter, run_dir, manifest, noise_scheduler, grid, precision, fid_monitor)
         with StopFlag() as stop:
             loop.run(stop)
         return run_dir

@@ -1,0 +1,109 @@
+"""FID during training (`[fid] every`) and `wdmctl report`, on the quickstart model at tiny size, with a
+stand-in for the Inception network (the real one takes minutes per FID on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from test_fid import PixelFeatures, invoke
+from test_train import RECIPES, digits_cache, tiny  # noqa: F401  (digits_cache is a fixture)
+from wdmctl import config
+from wdmctl.apps.report import read_run, unique_labels
+from wdmctl.cli import app
+from wdmctl.fid import reference
+from wdmctl.train import fid_monitor
+from wdmctl.train.trainer import train
+
+FID_EVERY = ["fid.every=1", "fid.every_num=8", "fid.every_batch_size=4", 'fid.ref="digits"', "fid.resolution=8",
+             "fid.steps=2"]
+
+
+@pytest.fixture
+def stand_in_inception(tmp_path, monkeypatch):
+    monkeypatch.setenv("WDMCTL_CACHE_DIR", str(tmp_path / "wdmctl-cache"))
+    extractor = PixelFeatures()
+    for module in (fid_monitor, reference):
+        monkeypatch.setattr(module, "load_inception", lambda *args, **kwargs: extractor)
+    return extractor
+
+
+def train_with_fid(cache: Path, runs: Path, *extra: str) -> Path:
+    recipe = config.load_recipe(RECIPES / "quickstart.toml", tiny(cache, *FID_EVERY, *extra))
+    return train(recipe, "quickstart", runs_dir=runs)
+
+
+def fid_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "fid" in r]
+
+
+def test_fid_during_training_is_recorded_at_every_interval(digits_cache, tmp_path, stand_in_inception):
+    run = train_with_fid(digits_cache, tmp_path / "runs", "train.max_steps=3", "fid.every=2")
+    records = fid_records(run)
+    # every 2 steps, and at the last step
+    assert [r["step"] for r in records] == [2, 3]
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 and r["fid_num"] == 8 for r in records)
+    assert [r["images_seen"] for r in records] == [8, 12]
+    assert "fid8" in (run / "log.txt").read_text()
+
+
+def test_fid_during_training_uses_fixed_samples(digits_cache, tmp_path, stand_in_inception):
+    # two runs with the same seed train the same weights: their FIDs must match exactly (fixed seeds and
+    # labels), and a run with another training seed must not
+    first = fid_records(train_with_fid(digits_cache, tmp_path / "a"))
+    again = fid_records(train_with_fid(digits_cache, tmp_path / "b"))
+    other = fid_records(train_with_fid(digits_cache, tmp_path / "c", "train.seed=5"))
+    assert [r["fid"] for r in first] == [r["fid"] for r in again]
+    assert [r["fid"] for r in first] != [r["fid"] for r in other]
+
+
+def test_fid_every_needs_a_reference():
+    with pytest.raises(Exception, match="fid.every needs fid.ref"):
+        config.validate(config.load_recipe(RECIPES / "cifar10.toml", ["fid.every=100", 'fid.ref=""']))
+
+
+def test_report_draws_curves_and_a_table(digits_cache, tmp_path, stand_in_inception):
+    runs = [train_with_fid(digits_cache, tmp_path / name / "runs", "train.max_steps=3", f"train.seed={seed}")
+            for name, seed in (("arm-a", 0), ("arm-b", 1))]
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("loss.png", "fid-images.png", "fid-time.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "report.md").read_text()
+    # the two runs share their folder name; the labels tell them apart by the folder above
+    assert "arm-a/runs/" in table and "arm-b/runs/" in table
+    last = fid_records(runs[1])[-1]["fid"]
+    assert f"| {last:.2f} |" in table
+    again = invoke(["report", str(runs[0]), "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
+
+
+def test_report_training_time_follows_the_loss_records(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 10, "loss": 0.5, "images_seen": 40, "sec_per_step": 0.6},
+               {"step": 20, "loss": 0.4, "images_seen": 80, "sec_per_step": 1.2},
+               {"step": 15, "images_seen": 60, "fid": 90.0, "fid_num": 8}]
+    (run / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = read_run(run, "run")
+    assert curves.minutes == pytest.approx([0.1, 0.3])          # 10 x 0.6 s, then + 10 x 1.2 s
+    assert curves.fid_minutes == pytest.approx([0.2])            # halfway through the second interval
+    assert curves.fids == [90.0] and curves.fid_images == [60]
+
+
+def test_report_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no stats.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_unique_labels():
+    paths = [Path("a/runs/00000-x"), Path("b/runs/00000-x"), Path("c/00001-y")]
+    assert unique_labels(paths) == ["a/runs/00000-x", "b/runs/00000-x", "c/00001-y"]
+    assert unique_labels([Path("r/00000-x"), Path("r/00001-x")]) == ["00000-x", "00001-x"]

@@ -1,0 +1,176 @@
+"""`wdmctl report RUN...`: loss and FID curves of one or more training runs, and a markdown table.
+
+Reads each run's stats.jsonl (loss records every `[log] every` steps, FID records every `[fid] every` steps)
+and recipe.toml, and writes, atomically, into the output folder:
+    loss.png          training loss against step, one line per run
+    fid-images.png    FID during training against images seen
+    fid-time.png      the same against training time (minutes of the run's training steps, excluding
+                      checkpoints, grids and the FID measurements themselves)
+    report.md         one row per run: model, steps, images seen, training minutes, last loss, FIDs
+Training time is summed from the loss records' seconds per step, so it needs no clock of its own and is the
+same after a resume.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wdmctl.core.io import write_bytes_atomic, write_text_atomic
+from wdmctl.errors import WdmError
+from wdmctl.runs import find_run
+from wdmctl.train.plot import matplotlib_pyplot
+
+OUTPUTS = ("loss.png", "fid-images.png", "fid-time.png", "report.md")
+
+
+@dataclass
+class RunCurves:
+    """What one run's stats.jsonl says, as arrays."""
+
+    path: Path
+    label: str
+    model: str
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    images_seen: list[int] = field(default_factory=list)
+    minutes: list[float] = field(default_factory=list)        # cumulative training time at each loss record
+    fid_steps: list[int] = field(default_factory=list)
+    fid_images: list[int] = field(default_factory=list)
+    fid_minutes: list[float] = field(default_factory=list)
+    fids: list[float] = field(default_factory=list)
+    fid_num: int | None = None
+
+
+def read_run(path: Path, label: str) -> RunCurves:
+    stats_path = path / "stats.jsonl"
+    if not stats_path.is_file():
+        raise WdmError(f"{path} has no stats.jsonl; is it a wdmctl run folder?")
+    model = "?"
+    try:
+        recipe = tomllib.loads((path / "recipe.toml").read_text())
+        model = str(recipe.get("model", {}).get("preset", "?"))
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    curves = RunCurves(path, label, model)
+    previous_step, minutes = 0, 0.0
+    fid_records = []
+    for number, line in enumerate(stats_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise WdmError(f"{stats_path}:{number}: not a JSON record") from None
+        if "fid" in record:
+            fid_records.append(record)
+        elif "loss" in record:
+            step = int(record["step"])
+            minutes += float(record.get("sec_per_step") or 0.0) * (step - previous_step) / 60
+            previous_step = step
+            curves.steps.append(step)
+            curves.losses.append(float(record["loss"]))
+            curves.images_seen.append(int(record.get("images_seen", 0)))
+            curves.minutes.append(minutes)
+    for record in fid_records:
+        curves.fid_steps.append(int(record["step"]))
+        curves.fid_images.append(int(record["images_seen"]))
+        curves.fids.append(float(record["fid"]))
+        curves.fid_num = int(record.get("fid_num") or 0) or curves.fid_num
+    # an FID is measured at a step boundary; its training time is read off the loss records' clock
+    if curves.steps:
+        curves.fid_minutes = list(np.interp(curves.fid_steps, [0] + curves.steps, [0.0] + curves.minutes))
+    else:
+        curves.fid_minutes = [math.nan] * len(curves.fid_steps)
+    return curves
+
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing path of each run that tells it from the others (run folders of different
+    experiments often share their own name)."""
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def _figure(plt, series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, title: str,
+            log_y: bool) -> bytes:
+    fig, ax = plt.subplots(figsize=(7.2, 4.5), dpi=100)
+    try:
+        for label, xs, ys in series:
+            points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y)]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=label, linewidth=1.5,
+                        marker="o" if len(points) < 30 else None, markersize=3)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        return png.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _markdown(runs: list[RunCurves]) -> str:
+    def number(value, digits=2):
+        return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+    fid_name = "FID-" + str(next((r.fid_num for r in runs if r.fid_num), "K"))
+    lines = ["| run | model | steps | images seen | training min | last loss | "
+             f"{fid_name} best (step) | {fid_name} last |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        best = min(range(len(r.fids)), key=r.fids.__getitem__) if r.fids else None
+        lines.append(
+            f"| {r.label} | {r.model} | {r.steps[-1] if r.steps else 0} | {r.images_seen[-1] if r.images_seen else 0} | "
+            f"{number(r.minutes[-1] if r.minutes else None, 1)} | {number(r.losses[-1] if r.losses else None, 4)} | "
+            + (f"{r.fids[best]:.2f} ({r.fid_steps[best]})" if best is not None else "-") + " | "
+            + (f"{r.fids[-1]:.2f}" if r.fids else "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[str], out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Curves and table of `runs` (run folders or names) into `out`; returns the paths and the table."""
+    plt = matplotlib_pyplot()
+    if plt is None:
+        raise WdmError("wdmctl report draws with matplotlib, which is not installed: pip install 'wdmctl[plot]'")
+    if not runs:
+        raise WdmError("name at least one run folder")
+    out = Path(out)
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise WdmError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    paths = [Path(find_run(run)) for run in runs]
+    curves = [read_run(path, label) for path, label in zip(paths, unique_labels(paths))]
+    fid_label = "FID-" + str(next((r.fid_num for r in curves if r.fid_num), "K"))
+    figures = {
+        "loss.png": _figure(plt, [(r.label, r.steps, r.losses) for r in curves], "step", "loss (mean per log interval)",
+                            "training loss", log_y=True),
+        "fid-images.png": _figure(plt, [(r.label, r.fid_images, r.fids) for r in curves if r.fids], "images seen",
+                                  fid_label, f"{fid_label} of the EMA weights during training", log_y=True),
+        "fid-time.png": _figure(plt, [(r.label, r.fid_minutes, r.fids) for r in curves if r.fids],
+                                "training time (minutes)", fid_label,
+                                f"{fid_label} of the EMA weights against training time", log_y=True),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in figures.items():
+        write_bytes_atomic(out / name, png)
+    table = _markdown(curves)
+    write_text_atomic(out / "report.md", f"# Training report\n\n{table}\n" + "".join(
+        f"![{name}]({name})\n" for name in figures))
+    return {"out": str(out), "files": [str(out / name) for name in OUTPUTS], "table": table}

@@ -1,0 +1,31 @@
+"""`wdmctl report RUN...`: parse, then hand over to `wdmctl.apps.report.write_report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from wdmctl.cli.app import app
+
+
+@app.command("report")
+def report_command(
+    runs: List[str] = typer.Argument(..., help="Run folders (or run numbers/names under runs/)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for loss.png, fid-images.png, "
+                                                                  "fid-time.png and report.md."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
+) -> None:
+    """Loss and FID curves of one or more runs (FID against images seen and against training time), and a
+    markdown table. FID curves need `[fid] every` in the runs' recipes.
+
+    Examples:
+
+      wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --out report/cifar10
+    """
+    from wdmctl.apps.report import write_report
+
+    result = write_report(runs, out, overwrite=overwrite)
+    typer.echo(result["table"].rstrip())
+    typer.echo(f"wrote {', '.join(result['files'])}")
