@@ -136,7 +136,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(straight_run, digits_ca
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_mod, "save_pipeline", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WdmError, match=r"saving checkpoint step-0000004 failed: disk full writing \S+/half-written "
+                                       r"\(.+ free\); the newest intact checkpoint is \S+/step-0000002"):
         train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(run)] == [2]

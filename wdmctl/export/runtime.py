@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from wdmctl.errors import MissingDependency, WdmError, first_line
-from wdmctl.export.manifest import read_manifest
+from wdmctl.export.manifest import read_manifest, require_intact_onnx
 
 BACKENDS = ("onnx", "trt")
 INSTALL_HINT = 'pip install "wdmctl[export]"'
@@ -198,6 +198,7 @@ def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | t
     device = torch.device(device)
     input_names = [spec["name"] for spec in manifest["inputs"]]
     if backend == "onnx":
+        require_intact_onnx(export_dir, manifest)
         runner: Callable[..., torch.Tensor] = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device)
     else:
         from wdmctl.export.tensorrt_build import find_engine
