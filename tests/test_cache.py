@@ -75,9 +75,12 @@ def preprocessed(root: Path, key: str) -> torch.Tensor:
 
 
 def timeless_manifest(cache_dir: Path) -> dict:
-    """The manifest without its creation time, for comparing two builds."""
+    """The manifest without its creation time and shard hashes, for comparing two builds (safetensors writes
+    header metadata in hash-map order, so equal shards can differ in bytes; their tensors are compared instead)."""
     manifest = load_manifest(cache_dir)
     manifest.pop("created")
+    for shard in manifest["shards"]:
+        shard.pop("sha256")
     return manifest
 
 
@@ -395,3 +398,36 @@ def test_taef2_round_trip_on_cifar10(tmp_path):
     torch.testing.assert_close(stored["latent"][0, 1].float(), expected, atol=5e-3, rtol=5e-3)
     x, _ = LatentDataset(tmp_path / "cache", flip=False)[0]
     torch.testing.assert_close(x, stored["latent"][0, 0].float())
+
+
+def test_verify_names_bad_shards_and_a_rerun_encodes_only_those(tmp_path, capsys):
+    """The manifest records each shard's size and sha256; `cache verify` hashes them, training's reader checks
+    sizes and framing, and rerunning the build re-encodes exactly the shards that are bad."""
+    out = tmp_path / "digits"
+    build = ["cache", "digits", "--out", str(out), "--resolution", "8", "--vae", "none", "--shard-size", "500"]
+    assert run_cli(build, capsys)[0] == 0
+    shards = load_manifest(out)["shards"]
+    assert all(s["bytes"] == (out / s["file"]).stat().st_size and len(s["sha256"]) == 64 for s in shards)
+    code, stdout, _ = run_cli(["cache", "verify", str(out)], capsys)
+    assert code == 0 and "ok: 4 shards" in stdout and "sha256" in stdout
+    intact = {name: (out / name).read_bytes() for name in ("shard-00000.safetensors", "shard-00002.safetensors")}
+
+    cut = out / "shard-00001.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    flipped = out / "shard-00003.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-10] ^= 1  # same size, valid framing: only the hash shows it
+    flipped.write_bytes(bytes(data))
+    code, _, err = run_cli(["cache", "verify", str(out)], capsys)
+    line = the_error(err)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "2 of 4 shards" in line and "shard-00001.safetensors: cut short" in line
+    assert "shard-00003.safetensors: changed since it was written (sha256 differs)" in line
+    with pytest.raises(WdmError, match=r"shard-00001.safetensors: cut short \(\d+ of \d+ bytes\); rerun the `wdmctl cache`"):
+        LatentDataset(out)  # what training opens: the cut is found without hashing
+
+    summary = build_cache("digits", out, 8, vae="none", shard_size=500)
+    assert (summary.shards_reused, summary.encoded_images) == (2, 797)  # shards 1 and 3: 500 + 297 images
+    assert {name: (out / name).read_bytes() for name in intact} == intact
+    assert run_cli(["cache", "verify", str(out)], capsys)[0] == 0
+    assert len(LatentDataset(out)) == 1797

@@ -258,3 +258,53 @@ def test_a_missing_run_is_one_precise_line(command, tmp_path, capsys, monkeypatc
         main([command, "--run", "7"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err == "error: run '7' not found (neither a folder nor a run under runs/)\n"
+
+
+def test_scaling_summary_pairs_each_mamba_row_with_its_uvit_and_finds_the_crossover():
+    # synthetic rows: WD-Mamba's ratio goes 0.5 -> 2 between 256 and 1,024 tokens (log-linear: 1 at 512), graphed
+    # U-ViT runs out of memory at 4,096 tokens; eager never reaches 1
+    from wdmctl.bench.scaling import scaling_summary
+
+    def row(preset, side, rate, graph, **extra):
+        return {"preset": preset, "backend": "triton" if preset.startswith("WDM") else "n/a", "resolution": side,
+                "tokens": (side // 2) ** 2, "batch_size": 8, "cuda_graph": graph, "compile": False,
+                "images_per_s": rate, "peak_memory_gib": 1.0, **extra}
+
+    rows = [row("WDM-B/2", 32, 50, True), row("UViT-B/2", 32, 100, True),
+            row("WDM-B/2", 64, 40, True), row("UViT-B/2", 64, 20, True),
+            row("WDM-B/2", 128, 10, True), {**row("UViT-B/2", 128, None, True), "error": "out of memory"},
+            row("WDM-B/2", 32, 10, False), row("UViT-B/2", 32, 100, False),
+            row("WDM-B/2", 64, 10, False), row("UViT-B/2", 64, 50, False)]
+    summary = scaling_summary(rows, "images_per_s", "batch_size", ("cuda_graph", "compile"))
+    ratios = [(e["tokens"], e["cuda_graph"], e["ratio"]) for e in summary["versus_uvit"]]
+    assert ratios == [(256, True, 0.5), (1024, True, 2.0), (4096, True, "U-ViT out of memory"),
+                      (256, False, 0.1), (1024, False, 0.2)]
+    graphed, eager = summary["crossover"]
+    assert graphed["crossover"] == {"tokens": 512, "latent_side": 45.3, "pixels_through_sd_vae": 362}
+    assert eager["crossover"] == "not reached by 1024 tokens"
+
+
+def test_bench_sizes_and_compile_modes_are_checked_before_any_run():
+    from wdmctl.cli.bench import parse_sizes
+
+    assert parse_sizes("32:64, 64:32,128", 16, 4) == [(32, 64), (64, 32), (128, 4)]
+    assert parse_sizes(None, 16, 4) == [(16, 4)]
+    for bad in ("32x64", "0:8", ""):
+        with pytest.raises(WdmError, match="--sizes takes latent sides with optional batches"):
+            parse_sizes(bad, 16, 4)
+    r = runner.invoke(app, ["bench", "train", "--presets", "WDM-S/2", "--compile", "yes"])
+    assert r.exit_code != 0 and "--compile takes off, on or off,on, not 'yes'" in str(r.exception)
+
+
+def test_bench_sample_over_sizes_reports_memory_and_the_uvit_ratio(tmp_path):
+    out = tmp_path / "sample.json"
+    r = runner.invoke(app, ["bench", "sample", "--presets", "WDM-S/2", "--backends", "torch", "--sizes", "8,4:2",
+                            "--batch", "1", "--steps", "1", "--cfgs", "1.0", "--precisions", "fp32", "--iters", "1",
+                            "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert [(row["preset"], row["resolution"], row["batch"], row["tokens"]) for row in data["results"]] == [
+        ("WDM-S/2", 8, 1, 16), ("UViT-S/2", 8, 1, 16), ("WDM-S/2", 4, 2, 4), ("UViT-S/2", 4, 2, 4)]
+    assert all("peak_memory_gib" in row for row in data["results"])   # None on CPU
+    assert [(e["tokens"], e["uvit"]) for e in data["versus_uvit"]] == [(16, "UViT-S/2"), (4, "UViT-S/2")]
+    assert all(e["ratio"] > 0 for e in data["versus_uvit"]) and len(data["crossover"]) == 1

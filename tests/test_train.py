@@ -136,7 +136,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(straight_run, digits_ca
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_mod, "save_pipeline", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WdmError, match=r"saving checkpoint step-0000004 failed: disk full writing \S+/half-written "
+                                       r"\(.+ free\); the newest intact checkpoint is \S+/step-0000002"):
         train_direct(digits_cache, runs, "train.max_steps=4", "train.grad_accum=2", "data.flip=true")
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(run)] == [2]
@@ -468,9 +469,60 @@ def test_benchmark_train_step_on_cpu():
     row = benchmark_train_step("WDM-S/2", "torch-sequential", batch_size=2, resolution=8, precision="fp32",
                                         iters=1, warmup=0, width=16, depth=1)
     assert row["images_per_s"] > 0 and row["peak_memory_gib"] is None and row["latent"] == [4, 8, 8]
+    assert row["tokens"] == 16 and row["peak_reserved_gib"] is None
     uvit = benchmark_train_step("UViT-S/2", batch_size=2, resolution=8, precision="bf16", iters=1, warmup=0,
                                          width=16, num_heads=2, depth=1)
     assert uvit["backend"].startswith("n/a")
+
+
+class FakeCudaMemory:
+    """torch.cuda's memory counters, driven by hand: allocations raise `allocated` (and `reserved` when the
+    segments held do not cover them); frees lower `allocated` only, as a graph's private pool keeps its memory."""
+
+    def __init__(self, allocated_gib: float):
+        self.allocated = self.reserved = self.peak = self.peak_reserved = allocated_gib * 2**30
+
+    def alloc(self, gib: float) -> None:
+        self.allocated += gib * 2**30
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak, self.peak_reserved = max(self.peak, self.allocated), max(self.peak_reserved, self.reserved)
+
+    def free(self, gib: float) -> None:
+        self.allocated -= gib * 2**30
+
+    def reset(self) -> None:
+        self.peak, self.peak_reserved = self.allocated, self.reserved
+
+    def install(self, monkeypatch) -> None:
+        for name, fn in (("is_available", lambda: True), ("synchronize", lambda: None),
+                         ("reset_peak_memory_stats", self.reset), ("max_memory_allocated", lambda: self.peak),
+                         ("max_memory_reserved", lambda: self.peak_reserved)):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_peak_memory_counts_what_a_cuda_graph_capture_allocates(monkeypatch):
+    # issue 16: a graphed WDM-B/2 step reported ~2 GiB (the weights, gradients and AdamW state that live between
+    # steps) because the peak was read over a replay after a reset; the capture's 12 GiB of activations, held in
+    # the graph's pool, are the step's real footprint
+    from wdmctl.core.timing import PeakMemory
+
+    memory = FakeCudaMemory(allocated_gib=2)
+    memory.install(monkeypatch)
+
+    def capture():   # records the step: activations allocated in the graph's pool, freed back into it
+        memory.alloc(12)
+        memory.free(12)
+
+    def replay():    # allocates nothing
+        pass
+
+    with PeakMemory() as graphed:
+        capture()
+        replay()
+    assert graphed.as_dict() == {"peak_memory_gib": 14.0, "peak_reserved_gib": 14.0}
+    with PeakMemory() as replays_only:   # the old measurement
+        replay()
+    assert replays_only.allocated == 2.0 and replays_only.reserved == 14.0
 
 
 def test_benchmark_train_step_refuses_cuda_graphs_on_cpu():
@@ -537,6 +589,8 @@ def test_step_profile_groups_kernels_by_category():
     assert kernel_category("_scan_bwd2_kernel") == "selective scan"
     assert kernel_category("_causal_conv1d_fwd_kernel") == "causal conv1d"
     assert kernel_category("_conv_bwd_kernel") == kernel_category("_conv_fwd_kernel") == "causal conv1d"  # ours
+    assert kernel_category("_grid_conv_bwd_pre_kernel") == kernel_category("_grid_conv_fwd_kernel") == "2-D conv"
+    assert kernel_category("void at::native::conv_depthwise2d_forward_kernel<...>") == "2-D conv"
     assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul (GEMM)"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"

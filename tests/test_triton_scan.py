@@ -349,7 +349,7 @@ def check_model_fusions(device, scan, depth, monkeypatch):
                     num_classes=3, d_state=4, expand=1, scan=scan).to(device)
     x = torch.randn(2, 3, 8, 6, device=device)   # a 4 x 3 patch grid
     t, y = torch.tensor([5.0, 700.0], device=device), torch.tensor([0, 3], device=device)
-    results, launches = {}, []
+    launches = []
     scan_forward = ts._scan_forward
 
     def spy(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, column_grid=(), packed=None):
@@ -357,16 +357,27 @@ def check_model_fusions(device, scan, depth, monkeypatch):
         return scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, column_grid, packed)
 
     monkeypatch.setattr(ts, "_scan_forward", spy)
+    results = outputs_and_gradients_per_backend(model, x, t, y, after_each=launches.append)
+    fused, unfused = launches[:launches.index("triton")], launches[launches.index("triton") + 1:launches.index("triton-unfused")]
+    assert (True, True) in fused if scan == "bidirectional" else (False, True) in fused
+    assert all(form == (False, False) for form in unfused)
+    assert_backends_agree(results)
+
+
+def outputs_and_gradients_per_backend(model, x, t, y, after_each=lambda backend: None):
+    """The model's output and every parameter's gradient on triton, triton-unfused and torch."""
+    results = {}
     for backend in ("triton", "triton-unfused", "torch"):
         model.set_scan_backend(backend)
         model.zero_grad(set_to_none=True)
         out = model(x, t, y)
         out.square().mean().backward()
         results[backend] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
-        launches.append(backend)
-    fused, unfused = launches[:launches.index("triton")], launches[launches.index("triton") + 1:launches.index("triton-unfused")]
-    assert (True, True) in fused if scan == "bidirectional" else (False, True) in fused
-    assert all(form == (False, False) for form in unfused)
+        after_each(backend)
+    return results
+
+
+def assert_backends_agree(results):
     for backend in ("triton-unfused", "torch"):
         for fused, other in zip(results["triton"], results[backend]):
             torch.testing.assert_close(fused, other, rtol=1e-4, atol=1e-5)
@@ -398,16 +409,7 @@ def check_options_on_backends(device, options):
                     num_classes=3, d_state=4, expand=1, **options).to(device)
     x = torch.randn(2, 3, 8, 6, device=device)   # a 4 x 3 patch grid
     t, y = torch.tensor([5.0, 700.0], device=device), torch.tensor([0, 3], device=device)
-    results = {}
-    for backend in ("triton", "triton-unfused", "torch"):
-        model.set_scan_backend(backend)
-        model.zero_grad(set_to_none=True)
-        out = model(x, t, y)
-        out.square().mean().backward()
-        results[backend] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
-    for backend in ("triton-unfused", "torch"):
-        for fused, other in zip(results["triton"], results[backend]):
-            torch.testing.assert_close(fused, other, rtol=1e-4, atol=1e-5)
+    assert_backends_agree(outputs_and_gradients_per_backend(model, x, t, y))
 
 
 @pytest.mark.parametrize("options", ARCHITECTURE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))

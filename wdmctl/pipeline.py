@@ -7,6 +7,7 @@
       scheduler/scheduler_config.json      the DDPM training schedule
       wdmctl.json                          autoencoder reference (from the cache manifest), classes,
                                            latent shape, the recipe's sampling defaults, step, provenance
+      integrity.json                       size + sha256 of every file above, written last (wdmctl.core.integrity)
 
 The trainer writes one per checkpoint (`checkpoints/step-NNNNNNN/pipeline/`); `WDMambaPipeline`
 reads and writes the same layout.
@@ -24,16 +25,19 @@ from typing import Any
 
 import torch
 
+from wdmctl.core.disk_full import note_failed_file
+from wdmctl.core.integrity import require_intact, write_integrity
 from wdmctl.core.io import write_json_atomic
 from wdmctl.diffusion.sampler import sample_images
 from wdmctl.diffusion.settings import labels_for, resolve_classes, sampling_defaults
-from wdmctl.errors import WdmError
+from wdmctl.errors import WdmError, first_line
 from wdmctl.models.loading import load_model
 
 META_FILE = "wdmctl.json"
 EMA_DIR = "denoiser"                                  # the EMA weights: what sampling uses by default
 ONLINE_DIR = "denoiser_online"                        # the raw weights (--no-ema; training resumes from them)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
+LOAD_HINT = "this model folder is damaged: use another checkpoint (--checkpoint STEP) or a good copy"
 
 
 @dataclass
@@ -79,13 +83,22 @@ def save_pipeline(folder: str | Path, model, scheduler, meta: dict[str, Any], on
             "scheduler": ["diffusers", type(scheduler).__name__],
         })
         write_json_atomic(tmp / META_FILE, meta)
+        write_integrity(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as err:
+        note_failed_file(err, tmp)  # a full disk's one-line error names the file after tmp is gone
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def require_intact_pipeline(folder: str | Path, full: bool = True) -> None:
+    """A one-line error naming the first damaged file of a saved folder. `full` hashes too (loading reads those
+    bytes anyway). A folder from before integrity.json, or from diffusers alone, is checked on each file's
+    framing, which still catches a cut-short weights file."""
+    require_intact(folder, full=full, required=False, hint=LOAD_HINT)
 
 
 def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None) -> SavedPipeline:
@@ -100,9 +113,13 @@ def load_pipeline(folder: str | Path, ema: bool = True, device="cpu", dtype=None
         if not (folder / ONLINE_DIR).exists():
             raise WdmError(f"{folder} holds only EMA weights; drop --no-ema")
         sub = ONLINE_DIR
-    model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    require_intact_pipeline(folder)
+    try:
+        model = load_model(folder / sub, device=device, dtype=dtype or torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).exists() else {}
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # what the checks above cannot foresee
+        raise WdmError(f"cannot load {folder / sub}: {first_line(err, 200)}; {LOAD_HINT}") from None
     return SavedPipeline(folder, model, scheduler, meta)
 
 
@@ -134,10 +151,12 @@ def _pipeline_class():
         def save_pretrained(self, save_directory, **kwargs):
             super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
             write_json_atomic(Path(save_directory) / META_FILE, self.wdmctl_meta)
+            write_integrity(save_directory)
 
         @classmethod
         def from_pretrained(cls, folder, **kwargs):
             folder = Path(folder)
+            require_intact_pipeline(folder)
             pipe = super().from_pretrained(folder, use_safetensors=True, **kwargs)
             meta_path = folder / META_FILE
             pipe.wdmctl_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -46,8 +46,8 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> tuple[
         if not torch.cuda.is_available():
             raise WdmError("--trt builds an engine for the GPU it runs on, and no CUDA GPU is visible")
     pipeline_dir = resolve_pipeline_dir(req.run, req.model, req.checkpoint)
+    pipe = load_pipeline(pipeline_dir, ema=req.ema, device="cpu")  # a damaged model: no export folder is made
     out = prepare_out_dir(Path(req.out) if req.out else default_export_dir(pipeline_dir))
-    pipe = load_pipeline(pipeline_dir, ema=req.ema, device="cpu")
     source = source_identity(pipeline_dir, req.ema, pipe.meta)
     if req.onnx or not req.trt:
         manifest = export_onnx(pipe.model, out, req.settings, source, verify=req.verify, overwrite=req.overwrite,

@@ -13,6 +13,7 @@ from wdmctl.errors import WdmError
 from wdmctl.fid.inception import default_device, load_inception
 from wdmctl.fid.reference import ProgressFn, check_reference, load_reference, resolve_reference
 from wdmctl.fid.score import DEFAULT_NUM, score_images
+from wdmctl.pipeline import require_intact_pipeline
 from wdmctl.runs import checkpoint_pipeline, find_run
 
 
@@ -53,6 +54,7 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
         raise WdmError(f"no reference statistics: pass --ref REF.npz|IMAGE_SOURCE or set [fid] ref in "
                        f"{run_dir / 'recipe.toml'}")
     pipeline_dir = Path(checkpoint_pipeline(run_dir, checkpoint))
+    require_intact_pipeline(pipeline_dir, full=False)  # a damaged model is named before Inception loads
     out = _result_path(run_dir, pipeline_dir, num)
     if out.exists() and not overwrite:
         raise WdmError(f"{out} exists; pass --overwrite to score this checkpoint again")

@@ -2,8 +2,10 @@
 
 Inputs are laid out the way WD-Mamba's mixer passes them: u, delta and z are (batch, d, L) views of
 (batch, L, d) memory (z a half of in_proj's output), B and C views of x_proj's (batch, L, R + 2N) output.
-mamba_ssm is also timed on contiguous (batch, d, L) copies, the layout its kernel wants (that is how the
-baseline in ../shared/device/README.md was measured), so both of its numbers are on record.
+mamba_ssm and triton are also timed on contiguous (batch, d, L) copies, the layout mamba_ssm's kernel wants
+(that is how the baseline in ../shared/device/README.md was measured, and what other callers of the interface
+pass), so both layouts' numbers are on record for both. Beside them: the causal conv1d and the 2-D local conv
+(`mixer_conv = "2d"`, fused against its PyTorch expression) at the same sizes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
 from wdmctl.scan.torch_scan import causal_conv1d_torch
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
+LAYOUTS = ("model", "contiguous")
 TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only
 
 
@@ -105,8 +108,7 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
         for backend in backends:
             if backend not in usable:
                 continue
-            layouts = ("model", "contiguous") if backend == "mamba_ssm" else ("model",)
-            for layout in layouts:
+            for layout in LAYOUTS if backend != "torch" else ("model",):
                 row = dict(backend=backend, layout=layout, batch=batch, d_inner=d, length=length, d_state=n,
                            dtype=str(dtype).replace("torch.", ""))
                 if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
@@ -144,11 +146,13 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
 
                 payload["triton_profile"][f"{batch}x{d}x{length}"] = profile_kernels(step)[:12]  # the 12 slowest kernels
     payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
+    payload["conv2d"] = benchmark_grid_conv(shapes, dtype=dtype, iters=iters)
     return payload
 
 
 def _speedups(rows: list[dict]) -> list[dict]:
-    """triton vs mamba_ssm (model layout, and mamba_ssm's best layout) per shape."""
+    """triton vs mamba_ssm per shape: triton in the model's layout against mamba_ssm's best layout (issue 16's
+    target), and each layout against the same layout."""
     out = []
     keyed = {}
     for row in rows:
@@ -160,12 +164,18 @@ def _speedups(rows: list[dict]) -> list[dict]:
         if tri is None or not mambas:
             continue
         best = min(mambas, key=lambda r: r["forward_backward_ms"])
-        out.append({
+        entry = {
             "shape": "x".join(map(str, shape)),
             "forward_x": round(min(r["forward_ms"] for r in mambas) / tri["forward_ms"], 2),
             "forward_backward_x": round(best["forward_backward_ms"] / tri["forward_backward_ms"], 2),
             "mamba_ssm_best_layout": best["layout"],
-        })
+        }
+        for layout in LAYOUTS:
+            mine, theirs = by.get(("triton", layout)), by.get(("mamba_ssm", layout))
+            if mine and theirs:
+                entry[f"forward_backward_x_{layout}_layout"] = round(
+                    theirs["forward_backward_ms"] / mine["forward_backward_ms"], 2)
+        out.append(entry)
     return out
 
 
@@ -196,4 +206,37 @@ def benchmark_conv(shapes=DEFAULT_SHAPES, width: int = 4, dtype=torch.bfloat16, 
             both = time_per_call(step, groups=iters)
             rows.append(dict(impl=name, batch=batch, d=d, length=length, width=width,
                              forward_ms=round(fwd, 4), forward_backward_ms=round(both, 4)))
+    return rows
+
+
+def benchmark_grid_conv(shapes=DEFAULT_SHAPES, dtype=torch.bfloat16, iters: int = 10, extra: int = 2) -> list[dict]:
+    """The 2-D local conv + SiLU forward and forward+backward ms under autocast, fused (Triton) against its
+    PyTorch expression, on the model's input (in_proj's half: strided (batch, L, d) tokens), single and as a
+    pair (both directions' weights). The tokens are `extra` + the largest square grid that fits in L (the
+    class-conditional model's 258 = 2 + 16^2 and 1026 = 2 + 32^2 exactly)."""
+    from wdmctl.models.grid_conv import grid_conv_silu, reference_grid_conv_silu
+
+    rows = []
+    for batch, d, length in shapes:
+        side = math.isqrt(length - extra)
+        grid = (extra, side, side)
+        x = torch.randn(batch, extra + side * side, 2 * d, device="cuda", dtype=dtype)[..., :d]
+        for pair in (False, True):
+            directions = (2,) if pair else ()
+            w = torch.randn(*directions, d, 1, 3, 3, device="cuda") * 0.3
+            b = torch.randn(*directions, d, device="cuda") * 0.1
+            dy = torch.randn((2 if pair else 1) * batch, x.shape[1], d, device="cuda", dtype=dtype)
+            for name, fn in (("torch", reference_grid_conv_silu), ("triton", grid_conv_silu)):
+                with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                    fwd = time_per_call(lambda: fn(x, w, b, grid), groups=iters)
+                xs, ws, bs = (v.detach().requires_grad_(True) for v in (x, w, b))
+
+                def step():
+                    with torch.autocast("cuda", dtype=dtype):
+                        out = fn(xs, ws, bs, grid)
+                    torch.autograd.grad(out, [xs, ws, bs], dy)
+
+                both = time_per_call(step, groups=iters)
+                rows.append(dict(impl=name, pair=pair, batch=batch, d=d, grid=list(grid), forward_ms=round(fwd, 4),
+                                 forward_backward_ms=round(both, 4)))
     return rows

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from wdmctl.core.precision import torch_dtype
-from wdmctl.core.timing import peak_memory_gib, profile_kernels, step_profile, time_fn
+from wdmctl.core.timing import PeakMemory, profile_kernels, step_profile, time_fn
 from wdmctl.diffusion.schedule import make_noise_scheduler
 from wdmctl.errors import WdmError
 from wdmctl.models.presets import build_model
+from wdmctl.models.summary import patch_tokens
 from wdmctl.train.graphed import capture_train_step
 from wdmctl.train.objective import alphas_cumprod, diffusion_loss, param_groups
 
@@ -38,7 +39,8 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if compile:
-        model.compile()
+        torch._dynamo.reset()   # a fresh compile per row: recompiles of earlier rows' models would hit Dynamo's
+        model.compile()         # recompile limit and silently run eager
     optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=2e-4, betas=(0.99, 0.99), fused=device.type == "cuda",
                                   capturable=cuda_graph)
     c, n_classes = model.config.in_channels, model.config.num_classes
@@ -64,17 +66,19 @@ def benchmark_train_step(preset: str, backend: str = "auto", batch_size: int = 3
         update()
         optimizer.zero_grad(set_to_none=True)
 
-    if cuda_graph:
-        step = capture_train_step(update, optimizer)
-    ms = time_fn(step, warmup=warmup, iters=iters)
-    peak = peak_memory_gib(step)
+    with PeakMemory() as memory:   # the capture inside: its graph's memory is the step's (PeakMemory)
+        if cuda_graph:
+            step = capture_train_step(update, optimizer)
+        ms = time_fn(step, warmup=warmup, iters=iters)
     extra = {"profile": step_profile(profile_kernels(step), ms)} if profile and device.type == "cuda" else {}
     return {
         "preset": preset, "arch": model.config.arch, "backend": backend if model.is_mamba else "n/a (attention)",
         "scan": model.config.scan if model.is_mamba else None,
-        "batch_size": batch_size, "latent": [c, resolution, resolution], "precision": precision,
+        "mixer_conv": model.config.mixer_conv if model.is_mamba else None,
+        "batch_size": batch_size, "resolution": resolution, "tokens": patch_tokens(model, resolution),
+        "latent": [c, resolution, resolution], "precision": precision,
         "gradient_checkpointing": gradient_checkpointing, "compile": compile, "cuda_graph": cuda_graph,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "ms_per_step": round(ms, 2), "images_per_s": round(batch_size / ms * 1e3, 1), "peak_memory_gib": peak,
+        "ms_per_step": round(ms, 2), "images_per_s": round(batch_size / ms * 1e3, 1), **memory.as_dict(),
         **extra,
     }

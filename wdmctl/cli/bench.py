@@ -26,13 +26,35 @@ def _words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-def parse_cuda_graphs(text: str) -> list[bool]:
-    """`--cuda-graphs off|on|off,on` -> [False], [True], [False, True]."""
+def parse_off_on(text: str, option: str) -> list[bool]:
+    """`off|on|off,on` -> [False], [True], [False, True]."""
     modes = {"off": False, "on": True}
     words = _words(text)
     if not words or any(w not in modes for w in words):
-        raise WdmError(f"--cuda-graphs takes off, on or off,on, not {text!r}")
+        raise WdmError(f"{option} takes off, on or off,on, not {text!r}")
     return [modes[w] for w in words]
+
+
+def parse_cuda_graphs(text: str) -> list[bool]:
+    return parse_off_on(text, "--cuda-graphs")
+
+
+def parse_sizes(text: str | None, resolution: int, batch: int) -> list[tuple[int, int]]:
+    """`--sizes 32:64,64:32,128:8` -> [(latent side, batch), ...]; a size without `:BATCH` takes --batch;
+    no --sizes: [(--resolution, --batch)]."""
+    if text is None:
+        return [(resolution, batch)]
+    sizes = []
+    for word in _words(text):
+        side, _, size_batch = word.partition(":")
+        try:
+            sizes.append((int(side), int(size_batch) if size_batch else batch))
+        except ValueError:
+            sizes = []
+            break
+    if not sizes or any(min(size) < 1 for size in sizes):
+        raise WdmError(f"--sizes takes latent sides with optional batches, like 32:64,64:32,128:8, not {text!r}")
+    return sizes
 
 
 def _precisions(text: str, option: str) -> list[str]:
@@ -76,6 +98,15 @@ def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], atte
     return runs, [b for b in wanted if b not in usable]
 
 
+def save_so_far(out: str | None, benchmark: str, rows: list[dict], total: int) -> None:
+    """Write the rows measured so far to --out, marked partial: a run stopped by a time limit still leaves them
+    (the finished command overwrites the file with the whole payload)."""
+    if out:
+        from wdmctl.core.device import write_json
+
+        write_json(out, {"benchmark": benchmark, "results": rows, "partial": f"{len(rows)} of {total} configurations"})
+
+
 def _device_type() -> str:
     import torch
 
@@ -110,9 +141,11 @@ def bench_train(
     scan: Optional[str] = options.SCAN,
     batch: int = typer.Option(32, min=1, help="Images per training step."),
     resolution: int = options.LATENT_SIDE,
+    sizes: Optional[str] = options.SIZES,
     precision: str = typer.Option("bf16", help=f"Autocast precision: {', '.join(PRECISIONS)}."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser."),
+    compile: str = typer.Option("off", "--compile", help="off, on, or off,on: torch.compile the denoiser (the "
+                                "Triton scan and conv stay opaque custom ops), or time both."),
     cuda_graphs: str = options.CUDA_GRAPHS,
     profile: bool = typer.Option(False, "--profile", help="Add where each step's GPU time goes, by kernel category "
                                  "(scan, conv1d, GEMM, attention, optimizer, ...), and how busy the GPU was."),
@@ -120,10 +153,12 @@ def bench_train(
     warmup: int = typer.Option(3, min=0, help="Untimed steps first."),
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
-    """Images/s and peak memory of a full training step (loss, backward, clipping, AdamW) per preset and
-    scan backend; an out-of-memory configuration is reported as such, not fatal."""
+    """Images/s and peak memory of a full training step (loss, backward, clipping, AdamW) per preset, scan
+    backend, size and mode; with U-ViT beside, each WD-Mamba row's speed ratio and the size where it overtakes
+    (issue 16's scaling table). An out-of-memory configuration is reported as such, not fatal."""
     import torch
 
+    from wdmctl.bench.scaling import OUT_OF_MEMORY, scaling_summary
     from wdmctl.bench.train import benchmark_train_step
     from wdmctl.core.device import write_json
     from wdmctl.errors import first_line
@@ -131,29 +166,34 @@ def bench_train(
 
     device = _device_type()
     graph_modes = parse_cuda_graphs(cuda_graphs)
+    compile_modes = parse_off_on(compile, "--compile")
+    size_list = parse_sizes(sizes, resolution, batch)
     _precisions(precision, "--precision")
     if any(graph_modes) and device != "cuda":
         raise WdmError("--cuda-graphs on needs a CUDA device")
     runs, skipped = preset_runs(presets, uvit, backends, available_backends(device), attention="auto")
     overrides = scan_overrides(scan, runs)
     rows, notes = [], [f"scan backend {b} is not available on {device}: skipped" for b in skipped]
-    for (name, backend), graphed in ((run, g) for run in runs for g in graph_modes):
+    configurations = [(size, run, c, g) for size in size_list for run in runs for c in compile_modes for g in graph_modes]
+    for (side, size_batch), (name, backend), compiled, graphed in configurations:
+        where = {"preset": name, "backend": backend, "batch_size": size_batch, "resolution": side,
+                 "compile": compiled, "cuda_graph": graphed}
         try:
-            rows.append(benchmark_train_step(name, backend, batch, resolution, precision, iters, warmup,
-                                             gradient_checkpointing, compile, profile=profile, cuda_graph=graphed,
+            rows.append(benchmark_train_step(name, backend, size_batch, side, precision, iters, warmup,
+                                             gradient_checkpointing, compiled, profile=profile, cuda_graph=graphed,
                                              **overrides[name]))
         except torch.cuda.OutOfMemoryError:
-            rows.append({"preset": name, "backend": backend, "batch_size": batch, "cuda_graph": graphed,
-                         "error": "out of memory"})
+            rows.append({**where, "error": OUT_OF_MEMORY})
         except Exception as err:  # noqa: BLE001 - a configuration torch.compile cannot handle is a result too
-            if not compile:
+            if not compiled:
                 raise
-            rows.append({"preset": name, "backend": backend, "batch_size": batch, "compile": True,
-                         "error": f"torch.compile failed: {type(err).__name__}: {first_line(err, 300)}"})
+            rows.append({**where, "error": f"torch.compile failed: {type(err).__name__}: {first_line(err, 300)}"})
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
-    typer.echo(write_json(out, {"benchmark": "train", "results": rows, "notes": notes}))
+        save_so_far(out, "train", rows, len(configurations))
+    summary = scaling_summary(rows, "images_per_s", "batch_size", ("cuda_graph", "compile"))
+    typer.echo(write_json(out, {"benchmark": "train", "results": rows, **summary, "notes": notes}))
 
 
 @bench_app.command("sample")
@@ -164,26 +204,42 @@ def bench_sample(
     scan: Optional[str] = options.SCAN,
     batch: int = typer.Option(64, min=1, help="Images per batch."),
     resolution: int = options.LATENT_SIDE,
+    sizes: Optional[str] = options.SIZES,
     steps: int = typer.Option(50, min=1, help="Solver steps."),
     cfgs: str = typer.Option("1.0,1.5", help="Guidance weights to time (1 = unguided, one pass per step)."),
     precisions: str = typer.Option("bf16,fp32", help="Denoiser precisions to time."),
-    iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; one untimed first)."),
+    iters: int = typer.Option(2, min=1, help="Timed sampling runs per configuration (median reported; a short untimed one first)."),
     cuda_graphs: str = options.CUDA_GRAPHS,
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
-    """Sampling throughput (images/s over --steps solver steps) per preset, scan backend, guidance and precision."""
+    """Sampling throughput (images/s over --steps solver steps) and peak memory per preset, scan backend, size,
+    guidance and precision; with U-ViT beside, each WD-Mamba row's speed ratio and the size where it overtakes."""
+    import torch
+
     from wdmctl.bench.sample import benchmark_sampling
+    from wdmctl.bench.scaling import OUT_OF_MEMORY, scaling_summary
     from wdmctl.core.device import write_json
     from wdmctl.scan import available_backends
 
     runs, skipped = preset_runs(presets, uvit, backends, available_backends(_device_type()), attention=None)
     overrides = scan_overrides(scan, runs)
     graph_modes = parse_cuda_graphs(cuda_graphs)
-    rows = [benchmark_sampling(preset, backend, batch, steps, float(cfg), precision, iters, resolution, graph,
-                               **overrides[preset])
-            for preset, backend in runs for cfg in _words(cfgs) for precision in _precisions(precisions, "--precisions")
-            for graph in graph_modes]
-    typer.echo(write_json(out, {"benchmark": "sample", "results": rows, "skipped_backends": skipped}))
+    size_list = parse_sizes(sizes, resolution, batch)
+    guidance, precision_list = [float(cfg) for cfg in _words(cfgs)], _precisions(precisions, "--precisions")
+    rows = []
+    configurations = [(size, run, c, p, g) for size in size_list for run in runs for c in guidance
+                      for p in precision_list for g in graph_modes]
+    for (side, size_batch), (preset, backend), cfg, precision, graph in configurations:
+        try:
+            rows.append(benchmark_sampling(preset, backend, size_batch, steps, cfg, precision, iters, side, graph,
+                                           **overrides[preset]))
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"preset": preset, "scan_backend": backend, "batch": size_batch, "resolution": side,
+                         "cfg": cfg, "precision": precision, "cuda_graph": graph, "error": OUT_OF_MEMORY})
+            torch.cuda.empty_cache()
+        save_so_far(out, "sample", rows, len(configurations))
+    summary = scaling_summary(rows, "images_per_second", "batch", ("cuda_graph", "cfg", "precision"))
+    typer.echo(write_json(out, {"benchmark": "sample", "results": rows, **summary, "skipped_backends": skipped}))
 
 
 @bench_app.command("scan")

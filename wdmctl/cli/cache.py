@@ -1,6 +1,6 @@
 """`wdmctl cache SRC --out DIR`: encode an image dataset into the latent cache training reads;
-`wdmctl bench cache`: encoder throughput. Parsing and printing only; the work is in wdmctl.data.cache
-and wdmctl.autoencoders."""
+`wdmctl cache verify DIR`: check every shard against the manifest; `wdmctl bench cache`: encoder throughput.
+Parsing and printing only; the work is in wdmctl.data.cache and wdmctl.bench.cache."""
 
 from __future__ import annotations
 
@@ -11,9 +11,26 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
+from typer.core import TyperGroup
 
 from wdmctl.cli.app import app
 from wdmctl.cli.bench import bench_app
+
+
+class _BuildUnlessSubcommand(TyperGroup):
+    """`wdmctl cache SRC ...` means `wdmctl cache build SRC ...`: the command built caches before it had
+    sub-commands, and every recipe and doc calls it that way. (A source folder named `verify` is `./verify`.)"""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+cache_app = typer.Typer(
+    cls=_BuildUnlessSubcommand, no_args_is_help=True, rich_markup_mode="rich",
+    help="Build a latent cache (`wdmctl cache SRC --out DIR`, the same as `cache build`) or verify one.")
+app.add_typer(cache_app, name="cache")
 
 
 class Device(str, Enum):
@@ -26,7 +43,7 @@ class Precision(str, Enum):
     bfloat16 = "bfloat16"
 
 
-@app.command("cache")
+@cache_app.command("build")
 def cache(
     src: str = typer.Argument(..., help="Image folder (one sub-folder per class gives labels), a .tar/.tar.gz/.zip "
                                         "of one, or `digits` (built-in, 10 classes)."),
@@ -74,6 +91,19 @@ def cache(
             console.print(f"  {item['file']}: {item['error']}", markup=False)
         if len(summary.skipped) > 10:
             console.print(f"  ... and {len(summary.skipped) - 10} more")
+
+
+@cache_app.command("verify")
+def verify(
+    cache_dir: Path = typer.Argument(..., help="The cache folder (holding manifest.json)."),
+) -> None:
+    """Check every shard against the manifest (size, safetensors framing, sha256) and name the bad ones."""
+    from wdmctl.data.cache import verify_cache
+
+    checked = verify_cache(cache_dir)
+    how = "size, framing and sha256" if checked["hashed"] else \
+        "size and framing only: no hashes recorded (an older wdmctl built it; rerun `wdmctl cache` to add them)"
+    typer.echo(f"ok: {checked['shards']} shards, {checked['bytes']} bytes in {cache_dir}; checked {how}")
 
 
 class _RateColumn(ProgressColumn):

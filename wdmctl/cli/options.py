@@ -33,6 +33,9 @@ UVIT = typer.Option(True, "--uvit/--no-uvit", help="Also time each WD-Mamba pres
 SCAN = typer.Option(None, "--scan", help="Scan mode of the Mamba presets: their own (cycle: one direction per block) "
                     "or bidirectional (both directions in every block; U-ViT runs are unaffected).")
 LATENT_SIDE = typer.Option(32, "--resolution", min=2, help="Latent side (32 = 256 px images through the SD VAE).")
+SIZES = typer.Option(None, "--sizes", help="Several sizes in one run: latent sides, each with its own batch after a "
+                     "colon, e.g. 32:64,64:32,128:8 (256, 1,024 and 4,096 tokens at patch 2); replaces --resolution "
+                     "and, where given, --batch.")
 CUDA_GRAPHS = typer.Option("off", "--cuda-graphs", help="off, on, or off,on: time eager launches, CUDA-graph "
                            "replay, or both (CUDA only).")
 INCEPTION = typer.Option(None, "--inception", help="FID Inception weights file (default: user cache, then "

@@ -23,6 +23,8 @@ def train_command(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders live."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Total steps to train to (same as --set train.max_steps=N)."),
+    verify: bool = typer.Option(False, "--verify", help="Hash every cache shard against the cache manifest before "
+                                                        "training (sizes and framing are always checked)."),
 ) -> None:
     """Train a WD-Mamba diffusion model from a recipe; rerun the same command to resume.
 
@@ -50,7 +52,7 @@ def train_command(
         typer.echo(plan.describe())
         typer.echo(_model_line(plan.recipe))
         return
-    run_dir = train(loaded, name, runs_dir=runs_dir, resume=resume)
+    run_dir = train(loaded, name, runs_dir=runs_dir, resume=resume, verify=verify)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

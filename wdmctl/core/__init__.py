@@ -2,6 +2,8 @@
 
     io.py           atomic file writes (JSON, bytes, any writer)
     hashing.py      sha256 of files, of JSON values and of state dicts
+    integrity.py    size + sha256 of written files (integrity.json), checked on read; one-line CorruptFile errors
+    disk_full.py    a failed write (a full disk) as one line: the file, the free space, what is still safe
     timing.py       CUDA-event timing, peak memory, kernel profiles
     device.py       what a benchmark ran on
     precision.py    the one precision vocabulary (fp32, bf16, fp16)

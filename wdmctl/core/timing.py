@@ -45,6 +45,35 @@ def peak_memory_gib(fn: Callable[[], Any]) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+class PeakMemory:
+    """Peak CUDA memory of everything run inside `with PeakMemory() as memory:`, in GiB (None on CPU):
+    `allocated` (live tensors) and `reserved` (what the process holds from the GPU: the caching allocator's
+    segments, a CUDA graph's private pool among them).
+
+    The peak counters are reset once, on entry, never after: a CUDA-graph replay allocates nothing (its
+    tensors live in the pool its capture filled), so a peak read over replays alone, after a reset that
+    follows the capture, sees only what stays alive between steps: WDM-B/2's weights, gradients and AdamW
+    state, ~2 GiB against the 11-15 GiB of its eager step (issue 16). Put the capture inside."""
+
+    allocated: float | None = None
+    reserved: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available() and exc[0] is None:
+            torch.cuda.synchronize()
+            self.allocated = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self.reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"peak_memory_gib": self.allocated, "peak_reserved_gib": self.reserved}
+
+
 def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any]]:
     """GPU time per kernel name (microseconds per call of fn), largest first, via torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -67,6 +96,9 @@ def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any
 # Kernel-name fragments per category, checked in this order (first match wins).
 KERNEL_CATEGORIES = (
     ("selective scan", ("_scan_", "selective_scan", "_pack_bc")),
+    # the mixer's 2-D conv: ours, and PyTorch's depthwise kernels (cuDNN's for channels-last inputs); before conv1d,
+    # whose fragments are in our kernels' names
+    ("2-D conv", ("_grid_conv_", "depthwise", "cudnn", "conv2d")),
     ("causal conv1d", ("conv1d", "_conv_fwd_kernel", "_conv_bwd_kernel")),   # causal-conv1d's and ours
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul (GEMM)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "splitk")),

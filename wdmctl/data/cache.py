@@ -38,8 +38,10 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from wdmctl.core.integrity import file_problem
 from wdmctl.core.io import write_json_atomic
 from wdmctl.core.version import __version__
+from wdmctl.data.cache_integrity import recorded, recorded_shards, require_intact_shards, shard_record, verify_shards
 from wdmctl.models.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
 from wdmctl.data.sources import center_crop_resize, open_source
 from wdmctl.errors import WdmError
@@ -320,7 +322,8 @@ def _manifest(src: str, source, autoencoder, build: dict, resolution: int, flip:
         "skipped": skipped,
         "upscaled": sum(entry["upscaled"] for entry in entries),
         "shard_size": shard_size,
-        "shards": [{k: entry[k] for k in ("file", "count", "first_index", "end_index")} for entry in entries],
+        "shards": [{k: entry[k] for k in ("file", "count", "first_index", "end_index", "bytes", "sha256") if k in entry}
+                   for entry in entries],
         "build": build,
         "build_hash": _build_hash(build),
     }
@@ -385,6 +388,8 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     build = _build_identity(source, autoencoder, resolution, flip, shard_size, dtype)
     build_hash = _build_hash(build)
     _prepare_out(out, build, overwrite, process)
+    previous = recorded_shards(out / MANIFEST)  # size + sha256 of the shards a finished build of these settings wrote
+    verified: dict[str, dict[str, Any]] = {}
     if process.is_main and not (out / MANIFEST).exists():
         write_json_atomic(out / MANIFEST, _manifest(src, source, autoencoder, build, resolution, flip,
                                                     shard_size, None))
@@ -394,8 +399,18 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     mine = list(range(process.rank, num_shards, process.world))
 
     def shard_done(shard: int) -> bool:
-        metadata = read_shard_metadata(out / shard_name(shard))
-        return metadata is not None and metadata.get("build") == build_hash
+        """Written by this build and intact: hashed against its record when it has one (a bad shard found by
+        `wdmctl cache verify` is encoded again), else checked on its safetensors framing."""
+        path = out / shard_name(shard)
+        metadata = read_shard_metadata(path)
+        if metadata is None or metadata.get("build") != build_hash:
+            return False
+        record = recorded(previous.get(path.name))
+        if file_problem(path, record, full=True) is not None:
+            return False
+        if record is not None:
+            verified[path.name] = {"bytes": record["bytes"], "sha256": record["sha256"]}
+        return True
 
     def shard_images(shard: int) -> int:
         return min((shard + 1) * shard_size, len(source)) - shard * shard_size
@@ -430,6 +445,8 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
         raise WdmError(f"none of the {len(source)} images in {src} could be read "
                        f"(first: {first['file']}: {first['error']})")
     if process.is_main:
+        for record in records:  # shards verified above keep their hashes; the others are hashed now
+            record.update(verified.get(record["file"]) or shard_record(out / record["file"]))
         write_json_atomic(out / MANIFEST, _manifest(src, source, autoencoder, build, resolution, flip,
                                                     shard_size, records))
     process.barrier()
@@ -465,6 +482,12 @@ def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def verify_cache(cache_dir: str | Path, full: bool = True) -> dict[str, Any]:
+    """Every shard of a finished cache against its manifest (`wdmctl cache verify DIR`, `train --verify`):
+    one-line error naming the bad shards; see wdmctl.data.cache_integrity.verify_shards."""
+    return verify_shards(cache_dir, load_manifest(cache_dir)["shards"], full)
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Training samples from a cache: `(x, label)` with x float32 (C, H, W) already scaled for the denoiser.
 
@@ -492,6 +515,7 @@ class LatentDataset(torch.utils.data.Dataset):
         absent = [f.name for f in self._files if not f.exists()]
         if absent:
             raise WdmError(f"{cache_dir}: {len(absent)} shard(s) missing (first {absent[0]}); rerun `wdmctl cache`")
+        require_intact_shards(self.cache_dir, shards)  # sizes and framing: a cut-short shard is named here
         # _starts[k] is the dataset index of shard k's first row (empty shards take no room)
         self._starts = np.cumsum([0] + [int(s["count"]) for s in shards]).tolist()
         self._handles: dict[int, Any] = {}

@@ -16,6 +16,7 @@ from wdmctl.core.hashing import sha256_file  # noqa: F401 - the export modules' 
 from wdmctl.core.io import write_json_atomic
 from wdmctl.core.version import __version__
 from wdmctl.errors import WdmError
+from wdmctl.core.integrity import CorruptFile, json_problem
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "wdmctl-export/1"
@@ -50,10 +51,33 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / MANIFEST_FILE
     if not path.exists():
         raise WdmError(f"{export_dir} holds no export (no {MANIFEST_FILE}); run `wdmctl export` first")
+    problem = json_problem(path)
+    if problem:
+        raise CorruptFile(f"{path}: {problem}; export again with `wdmctl export --overwrite`")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise WdmError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r}); export again")
     return manifest
+
+
+def require_intact_onnx(export_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """The .onnx (and its external data) as the manifest recorded them, hashes included (ONNX Runtime reads
+    every byte anyway); a one-line `CorruptFile` naming the first bad file otherwise."""
+    onnx = manifest["onnx"]
+    files = [(onnx["file"], onnx["sha256"])]
+    if onnx.get("external_data"):
+        files.append((onnx["external_data"], onnx["external_data_sha256"]))
+    paths = [Path(export_dir) / name for name, _ in files]
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    for path, (_, digest) in zip(paths, files):
+        if not path.is_file():
+            problem = "missing"
+        elif sha256_file(path) != digest:
+            how = "cut short" if total < onnx["bytes"] else "changed since it was written"
+            problem = f"{how} (sha256 differs; {total} bytes now, {onnx['bytes']} when exported)"
+        else:
+            continue
+        raise CorruptFile(f"{path}: {problem}; export again with `wdmctl export --overwrite`")
 
 
 def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from wdmctl.errors import MissingDependency, WdmError, first_line
-from wdmctl.export.manifest import read_manifest
+from wdmctl.export.manifest import read_manifest, require_intact_onnx
 
 BACKENDS = ("onnx", "trt")
 INSTALL_HINT = 'pip install "wdmctl[export]"'
@@ -275,6 +275,7 @@ def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | t
     device = torch.device(device)
     input_names = [spec["name"] for spec in manifest["inputs"]]
     if backend == "onnx":
+        require_intact_onnx(export_dir, manifest)
         # a CUDA graph replays fixed shapes: only a static batch (the wrapper pads and splits to it) has them
         cuda_graph = cuda_graph and manifest["batch_range"][0] == manifest["batch_range"][1]
         runner: Callable[..., torch.Tensor] = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device,

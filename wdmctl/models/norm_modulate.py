@@ -33,6 +33,7 @@ except ImportError:  # CPU installs without triton: the PyTorch expression is us
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_WIDTH = 8192  # the fused kernels hold a token's whole row in one program
 ROWS = 8  # tokens per program: the backward's partial sums for the norm weight, shift and scale are per program
 
 
@@ -46,19 +47,18 @@ def reference_norm_modulate(x, norm: nn.RMSNorm, shift, scale):
     return modulate(norm(x), shift, scale)
 
 
-def _use_kernels(x: torch.Tensor, interpret: bool) -> bool:
-    """The fused path: CUDA tensors with Triton (or the interpreter when asked), not in ONNX export or under
-    torch.compile, rows that fit one program."""
+def use_fused_kernels(x: torch.Tensor, interpret: bool) -> bool:
+    """The fused path (here and in grid_conv.py): CUDA tensors with Triton (or the interpreter when asked), not
+    in ONNX export or under torch.compile."""
     fused = triton is not None and (x.is_cuda and not INTERPRET or interpret and INTERPRET)
-    return (fused and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
-            and x.shape[-1] <= 8192)
+    return fused and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
 
 
 def norm_modulate(x: torch.Tensor, norm: nn.RMSNorm, shift: torch.Tensor, scale: torch.Tensor,
                   interpret: bool = False) -> torch.Tensor:
     """modulate(norm(x), shift, scale) for x (batch, tokens, width); fused on CUDA (see the module docstring).
     Returns the autocast dtype under autocast on the fused path (what the next Linear would cast to)."""
-    if not _use_kernels(x, interpret) or norm.weight is None:
+    if not use_fused_kernels(x, interpret) or norm.weight is None or x.shape[-1] > MAX_WIDTH:
         return reference_norm_modulate(x, norm, shift, scale)
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -134,7 +134,7 @@ def reference_gated_residual(x, gate, h):
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, interpret: bool = False) -> torch.Tensor:
     """x + gate[:, None] * h for x (batch, tokens, width) (the residual stream), gate (batch, width), h like x
     in any float dtype; returns x's dtype, as the PyTorch expression does. Fused on CUDA (module docstring)."""
-    if not _use_kernels(x, interpret) or h.shape != x.shape:
+    if not use_fused_kernels(x, interpret) or h.shape != x.shape or x.shape[-1] > MAX_WIDTH:
         return reference_gated_residual(x, gate, h)
     with torch.autocast(x.device.type, enabled=False):
         return _GatedResidual.apply(x, gate, h)

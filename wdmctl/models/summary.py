@@ -89,11 +89,17 @@ def count_flops(model: nn.Module, resolution: int | None = None, batch: int = 1)
     return total
 
 
+def patch_tokens(model: nn.Module, side: int) -> int:
+    """Patch tokens of a side x side input (the sequence length issue 16's tables count; the time and class
+    tokens come on top)."""
+    return (side // model.config.patch_size) ** 2
+
+
 def summarize(model: nn.Module, resolution: int | None = None) -> dict:
     """A dict for `wdmctl model info` (and its --json)."""
     cfg = model.config
     side = resolution or cfg.sample_size
-    tokens = (side // cfg.patch_size) ** 2
+    tokens = patch_tokens(model, side)
     return {
         "arch": cfg.arch,
         "config": dict(cfg),

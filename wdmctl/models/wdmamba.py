@@ -42,6 +42,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from wdmctl.models.embeddings import TimestepEmbedder, sincos_2d_embedding
+from wdmctl.models.grid_conv import grid_conv_silu
 from wdmctl.models.norm_modulate import gated_residual, norm_modulate
 from wdmctl.models.token_order import ScanLayout
 from wdmctl.scan import (
@@ -105,14 +106,9 @@ class SSMBranch(nn.Module):
         self.D._no_weight_decay = True
 
     def grid_conv(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """The 2-D local conv + SiLU on (B, L, d_inner) tokens in memory order; grid = (extra, rows, cols)."""
-        extra, rows, cols = grid
-        b, _, channels = x.shape
-        patches = x[:, extra:].reshape(b, rows, cols, channels).permute(0, 3, 1, 2)
-        patches = self.conv2d(patches).permute(0, 2, 3, 1).reshape(b, rows * cols, channels)
-        centre = self.conv2d.weight[:, 0, 1, 1]
-        extras = x[:, :extra] * centre.to(x.dtype) + self.conv2d.bias.to(x.dtype)
-        return F.silu(torch.cat([extras, patches.to(extras.dtype)], dim=1))
+        """The 2-D local conv + SiLU on (B, L, d_inner) tokens in memory order; grid = (extra, rows, cols).
+        One Triton kernel each way on CUDA (wdmctl/models/grid_conv.py), the PyTorch expression elsewhere."""
+        return grid_conv_silu(x, self.conv2d.weight, self.conv2d.bias, grid)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, reverse: bool, column_grid, scan_options: dict,
                 layout: ScanLayout | None = None, grid=None) -> torch.Tensor:
@@ -208,8 +204,8 @@ class MambaMixer(nn.Module):
         def both(get):
             return torch.stack([get(fwd), get(bwd)])
 
-        if fwd.conv2d is not None:   # the 2-D conv does not depend on the direction: two plain convs
-            u = torch.cat([fwd.grid_conv(x_in, grid), bwd.grid_conv(x_in, grid)]).transpose(1, 2)
+        if fwd.conv2d is not None:   # the 2-D conv does not depend on the direction: both weights, one launch
+            u = grid_conv_silu(x_in, both(lambda m: m.conv2d.weight), both(lambda m: m.conv2d.bias), grid).transpose(1, 2)
         else:
             u = causal_conv1d_pair(x_in.transpose(1, 2), both(lambda m: m.conv1d.weight.squeeze(1)),
                                    both(lambda m: m.conv1d.bias), "silu", reverse, column_grid, backend)  # (2B, E, L)

@@ -6,6 +6,6 @@
     data.py        which images each step reads (seeded by step: exact resume)
     objective.py   loss, AdamW groups, learning-rate schedule, EMA
     graphed.py     a whole step as one CUDA graph
-    checkpoint.py  checkpoints: every tensor once, safetensors only
+    checkpoint.py  checkpoints: every tensor once, safetensors only; which are intact (resume, pruning)
     report.py      progress bar, log.txt, stats.jsonl;  plot.py: loss.png;  grid.py: EMA sample grids
 """

@@ -7,11 +7,18 @@
         scheduler/  model_index.json  wdmctl.json  (see wdmctl.pipeline)
       optimizer.safetensors                        AdamW state per parameter: step, exp_avg, exp_avg_sq
       trainer_state.json                           counters, EMA update count, loss-scaler state, recipe hash
+      integrity.json                               size + sha256 of every file above, written last
 
 Resume reads the weights back from pipeline/, so that folder is the checkpoint's only copy of them. A
 checkpoint is written by the main process under `checkpoints/.step-N.tmp` and renamed to `step-N` when
 complete: a kill during a save leaves the previous checkpoint as the latest. `write_contents` is the one
 place that writes files into a checkpoint.
+
+A checkpoint is intact when its integrity.json (written last, so a checkpoint without one is incomplete)
+matches every file it lists and its trainer_state.json names the folder's step. Resume hashes the checkpoint
+it is about to load (it reads those bytes anyway) and falls back past damaged ones with a warning; pruning
+and messages use the cheap check (sizes, safetensors framing, JSON). Pruning never deletes a damaged
+checkpoint: it is the user's to inspect or remove.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wdmctl import config as cfg
+from wdmctl.core.disk_full import write_failure
+from wdmctl.core.integrity import CorruptFile, describe_problems, folder_problems, write_integrity
 from wdmctl.core.io import write_json_atomic
 from wdmctl.errors import WdmError
 from wdmctl.pipeline import EMA_DIR, ONLINE_DIR, WEIGHTS_FILE, save_pipeline
-from wdmctl.runs import checkpoint_dir, list_checkpoints, remove_tree
+from wdmctl.runs import CHECKPOINT_NAME, checkpoint_dir, list_checkpoints, remove_tree
 
 FORMAT = "wdmctl-checkpoint/2"
 PIPELINE_DIR = "pipeline"
@@ -118,12 +127,15 @@ def write_contents(folder: Path, *, net, ema, optimizer, noise_scheduler, progre
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "recipe_hash": meta["recipe_hash"],
     })
+    write_integrity(folder)  # last: a checkpoint without it is incomplete
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, **contents: Any) -> Path:
     """Write checkpoint `step` of the run (`write_contents(**contents)` by the main process, into a temporary
-    folder renamed when complete), then prune to the newest `keep`. Any failure leaves the previous
-    checkpoints untouched; a leftover temporary folder is ignored by readers and removed by the next save."""
+    folder renamed when complete), then prune to the newest `keep` intact ones. Any failure leaves the previous
+    checkpoints untouched; a leftover temporary folder is ignored by readers and removed by the next save. A
+    full disk (or another OS error) ends in a one-line error naming the file, the free space and the newest
+    intact checkpoint."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     accelerator.wait_for_everyone()
@@ -133,33 +145,116 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, **contents
             remove_tree(tmp)
             tmp.mkdir()
             write_contents(tmp, **contents)
-            remove_tree(final)  # only when re-saving a step this run already saved (same state)
+            remove_tree(final)  # only when re-saving a step this run already saved (same state), or a damaged one
             os.replace(tmp, final)
-            for _, old in list_checkpoints(run_dir)[:-keep]:
-                remove_tree(old)
-        except BaseException:
+            prune_checkpoints(run_dir, keep)  # only now that the new one is in place
+        except BaseException as err:
+            # named before the partial folder (and the file it was writing) is removed
+            failure = write_failure(err, tmp, f"saving checkpoint {final.name}", describe_newest_intact(run_dir),
+                                    any_os_error=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None:
+                raise failure from None
             raise
     accelerator.wait_for_everyone()
     return final
 
 
-def check_resumable(folder: Path) -> Path:
-    """`folder` if training can resume from it, else a one-line error saying what to do."""
-    if (folder / STATE_FILE).exists():
-        return folder
-    if any((folder / name).exists() for name in OLD_LAYOUT_FILES):
+# ----------------------------------------------------------------------------------------------------
+# Which checkpoints are intact: what resume falls back to, what pruning counts, what a failed save names
+# ----------------------------------------------------------------------------------------------------
+
+def refuse_old_layout(folder: Path) -> None:
+    """A one-line error saying what to do with a checkpoint of Accelerate's pickled layout (format 1)."""
+    if not (folder / STATE_FILE).exists() and any((folder / name).exists() for name in OLD_LAYOUT_FILES):
         raise WdmError(f"{folder} was written by an older wdmctl (Accelerate's pickled state), which this one does "
                        f"not resume; start a new run with --resume none (its pipeline/ folder still works with "
                        f"sample, fid and export)")
-    raise WdmError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
+
+
+def checkpoint_problem(folder: str | Path, full: bool = False) -> str | None:
+    """What is wrong with a checkpoint folder, in one line naming the file, or None when it is intact. `full`
+    hashes every file too."""
+    folder = Path(folder)
+    problems = folder_problems(folder, full, required=True)
+    if problems:
+        return describe_problems(folder, problems)
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # not listed in integrity.json, so not checked above
+        return f"{path}: missing or unreadable ({type(err).__name__})"
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        return f"{path}: format {found!r}, this wdmctl reads {FORMAT}"
+    step = (state.get("progress") or {}).get("step")
+    match = CHECKPOINT_NAME.match(folder.name)
+    if not isinstance(step, int) or (match and step != int(match.group(1))):
+        return f"{path}: no step matching the folder name (step {step!r})"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes the cheap check, or None."""
+    for _, folder in reversed(list_checkpoints(run_dir)):
+        if checkpoint_problem(folder) is None:
+            return folder
+    return None
+
+
+def describe_newest_intact(run_dir: str | Path) -> str:
+    """What a failed save leaves safe, for its one-line error."""
+    newest = newest_intact_checkpoint(run_dir)
+    if newest is None:
+        return "this run has no intact checkpoint yet; free some space and rerun the same command"
+    return f"the newest intact checkpoint is {newest}; free some space and rerun the same command to resume from it"
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint of a run (hashed), and a one-line warning for each newer one skipped as
+    damaged or incomplete. (None, []) for a run without checkpoints; a one-line error when it has some but
+    none is intact (starting it over would bury them under new ones), or when they are of the old layout."""
+    skipped: list[tuple[Path, str]] = []
+    for _, folder in reversed(list_checkpoints(run_dir)):
+        refuse_old_layout(folder)
+        problem = checkpoint_problem(folder, full=True)
+        if problem is None:
+            return folder, [f"skipped damaged checkpoint {bad.name} ({why}); resuming from {folder.name}"
+                            for bad, why in skipped]
+        skipped.append((folder, problem))
+    if skipped:
+        raise WdmError(f"{run_dir} has no intact checkpoint to resume from ({len(skipped)} damaged; newest: "
+                       f"{skipped[0][1]}); --resume none starts a new run")
+    return None, []
+
+
+def require_resumable(folder: Path, asked: str) -> None:
+    """`--resume PATH` names this very checkpoint: it must be intact (hashed), else a one-line error."""
+    refuse_old_layout(folder)
+    problem = checkpoint_problem(folder, full=True)
+    if problem is not None:
+        raise CorruptFile(f"--resume {asked}: the checkpoint is damaged ({problem}); resume from another "
+                          f"checkpoint of {folder.parent.parent}")
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Remove intact checkpoints older than the newest `keep` intact ones (call it only once the new one is in
+    place); damaged ones neither count nor go. Returns what was removed."""
+    intact = [folder for _, folder in list_checkpoints(run_dir) if checkpoint_problem(folder) is None]
+    doomed = intact[:-keep] if keep > 0 else []
+    for folder in doomed:
+        remove_tree(folder)
+    return doomed
 
 
 def load_checkpoint(folder: Path, *, net, ema, optimizer, progress: TrainState, scaler=None) -> None:
-    """Restore what `write_contents` wrote, in place; safetensors and JSON only."""
-    state = json.loads((check_resumable(folder) / STATE_FILE).read_text())
-    if state.get("format") != FORMAT:
-        raise WdmError(f"{folder / STATE_FILE} is format {state.get('format')!r}, this wdmctl reads {FORMAT}")
+    """Restore what `write_contents` wrote, in place; safetensors and JSON only. `plan_run` chose (and hashed)
+    the checkpoint; the cheap check here covers a process that loads without planning."""
+    refuse_old_layout(folder)
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CorruptFile(f"cannot resume from {folder}: {problem}")
+    state = json.loads((folder / STATE_FILE).read_text())
     pipeline = folder / PIPELINE_DIR
     net.load_state_dict(load_file(str(pipeline / ONLINE_DIR / WEIGHTS_FILE)))
     ema.model.load_state_dict(load_file(str(pipeline / EMA_DIR / WEIGHTS_FILE)))

@@ -10,8 +10,8 @@ from typing import Any
 from wdmctl import config as cfg
 from wdmctl.data.cache import load_manifest
 from wdmctl.errors import WdmError
-from wdmctl.runs import latest_checkpoint, newest_run, resolve_checkpoint_arg, run_suffix
-from wdmctl.train.checkpoint import check_resumable
+from wdmctl.runs import newest_run, resolve_checkpoint_arg, run_suffix
+from wdmctl.train.checkpoint import newest_intact_checkpoint, require_resumable, resume_point
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RunPlan:
     run_dir: Path | None = None         # None: a new run folder will be created
     resume_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # something is wrong but training goes on (a damaged checkpoint skipped)
 
     @property
     def suffix(self) -> str:
@@ -35,7 +36,7 @@ class RunPlan:
         lines = [f"run: {where}"]
         if self.resume_from is not None:
             lines.append(f"resume: {self.resume_from}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes])
 
 
 def load_cache_manifest(recipe: cfg.Recipe, required: bool = True) -> dict[str, Any] | None:
@@ -54,10 +55,12 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
     """Resolve the recipe against the cache and decide the run folder:
 
     - `resume="none"`: a new run.
-    - `"latest"`: the newest run of the same recipe and model, resumed from its latest checkpoint, unless its
-      recipe differs in a key that changes the optimisation (then a new run, with a note saying why).
-    - a path (run or checkpoint folder): resume from it; the model must be the same. A checkpoint that is not
-      its run's latest continues in a new run folder, so no later checkpoint is ever overwritten.
+    - `"latest"`: the newest run of the same recipe and model, resumed from its newest intact checkpoint (a
+      warning for each newer one that is damaged or incomplete), unless its recipe differs in a key that
+      changes the optimisation (then a new run, with a note saying why).
+    - a path: a run folder resumes from its newest intact checkpoint, as above; a checkpoint folder must be
+      intact (else a one-line error). The model must be the same. A checkpoint that is not its run's newest
+      intact one continues in a new run folder, so no later checkpoint is ever overwritten.
     """
     if manifest is None:
         manifest = load_cache_manifest(recipe, required=need_cache)
@@ -77,14 +80,19 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
             why = "its recipe.toml is missing" if changed is None else _describe_changes(changed[0])
             plan.notes.append(f"not resuming {run}: {why}; starting a new run (--resume {run} forces it)")
             return plan
-        plan.run_dir, plan.resume_from = run, latest_checkpoint(run)
-        if plan.resume_from is not None:
-            check_resumable(plan.resume_from)
+        plan.run_dir = run
+        plan.resume_from, plan.warnings = resume_point(run)  # past damaged or incomplete checkpoints, each warned of
         if changed[1]:
             plan.notes.append(f"resuming with changed settings: {_describe_changes(changed[1])}")
         return plan
-    checkpoint = check_resumable(resolve_checkpoint_arg(resume))
+    checkpoint = resolve_checkpoint_arg(resume)
     run = checkpoint.parent.parent
+    if checkpoint.resolve() == Path(resume).resolve():  # a checkpoint named: it must be intact, no fallback
+        require_resumable(checkpoint, resume)
+        newest = newest_intact_checkpoint(run)
+    else:  # a run folder: its newest intact checkpoint, past damaged ones
+        checkpoint, plan.warnings = resume_point(run)
+        newest = checkpoint
     changed = _recipe_changes(run, resolved)
     if changed is not None:
         model_changes = [c for c in changed[0] if c[0].startswith("model.")]
@@ -94,7 +102,7 @@ def plan_run(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs"
         if changed[0] or changed[1]:
             plan.notes.append(f"resuming with changed settings: {_describe_changes(changed[0] + changed[1])}")
     plan.resume_from = checkpoint
-    if checkpoint == latest_checkpoint(run):
+    if checkpoint == newest:
         plan.run_dir = run
     else:
         plan.notes.append(f"{checkpoint.name} is not the latest checkpoint of {run}; continuing in a new run")

@@ -36,7 +36,8 @@ class Reporter:
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, status="")
             self.progress.start()
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, stream=None) -> None:
+        """One line to log.txt and the console (stdout, or `stream`)."""
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -45,7 +46,11 @@ class Reporter:
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
-            print(text, flush=True)
+            print(text, file=stream or sys.stdout, flush=True)
+
+    def warn(self, text: str) -> None:
+        """`warning: text`: something is wrong but training goes on; on stderr, where warnings are looked for."""
+        self.line(f"warning: {text}", stream=sys.stderr)
 
     def step(self, step: int, status: str) -> None:
         if self.progress is not None:

@@ -21,14 +21,15 @@ from typing import Any
 import torch
 
 from wdmctl import config as cfg
+from wdmctl.core.disk_full import write_failure
 from wdmctl.core.io import write_text_atomic
-from wdmctl.data.cache import LatentDataset
+from wdmctl.data.cache import LatentDataset, verify_cache
 from wdmctl.diffusion.schedule import make_noise_scheduler
 from wdmctl.errors import WdmError
 from wdmctl.models.presets import build_model
 from wdmctl.runs import RunLock, create_run_dir
 from wdmctl.scan import resolve_backend
-from wdmctl.train.checkpoint import TrainState, load_checkpoint
+from wdmctl.train.checkpoint import TrainState, describe_newest_intact, load_checkpoint
 from wdmctl.train.data import StepBatches
 from wdmctl.train.fid_monitor import FidMonitor
 from wdmctl.train.graphed import GraphedStep
@@ -57,9 +58,11 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", resume: str = "latest") -> Path:
+def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", resume: str = "latest",
+          verify: bool = False) -> Path:
     """Train (or resume) a run of `recipe`; returns the run folder. Works the same under `accelerate launch`
-    with any number of processes. See the module docstring for the step and checkpoint semantics."""
+    with any number of processes. See the module docstring for the step and checkpoint semantics. `verify`
+    hashes every cache shard against the cache manifest first (sizes and framing are always checked)."""
     from accelerate import PartialState  # here: Accelerate's import is slow, and --dry-run never needs it
     from accelerate.utils import broadcast_object_list
 
@@ -76,31 +79,39 @@ def train(recipe: cfg.Recipe, recipe_name: str, runs_dir: str | Path = "runs", r
     if state.is_main_process:
         try:
             plan = plan_run(recipe, recipe_name, runs_dir, resume)
+            verify_cache(recipe.data.cache, full=verify)  # a damaged shard is named before a run folder is made
             run_dir = plan.run_dir or create_run_dir(runs_dir, plan.suffix)
             lock = RunLock(run_dir).acquire()
             old = run_dir / "recipe.toml"
             text = f"# resolved recipe of {run_dir.name} (from {recipe_name}; wdmctl train)\n" + cfg.to_toml(plan.recipe)
             if not old.exists() or old.read_text() != text:
                 write_text_atomic(old, text)
-            decision = [(str(run_dir), str(plan.resume_from) if plan.resume_from else None, plan.notes, None)]
+            decision = [(str(run_dir), str(plan.resume_from) if plan.resume_from else None, plan.warnings,
+                         plan.notes, None)]
         except WdmError as err:
             if lock is not None:
                 lock.release()
                 lock = None
-            decision = [(None, None, [], str(err))]
+            decision = [(None, None, [], [], str(err))]
     if state.num_processes > 1:
         broadcast_object_list(decision, from_process=0)
-    run_dir_text, resume_text, notes, error = decision[0]
+    run_dir_text, resume_text, warnings, notes, error = decision[0]
     if error:
         raise WdmError(error)
     try:
-        return _train_in(Path(run_dir_text), resume_text, notes, recipe, state)
+        return _train_in(Path(run_dir_text), resume_text, warnings, notes, recipe, state)
+    except OSError as err:  # a full disk while writing logs or grids (checkpoints: save_checkpoint)
+        failure = write_failure(err, run_dir_text, "training", describe_newest_intact(run_dir_text))
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: cfg.Recipe, state) -> Path:
+def _train_in(run_dir: Path, resume_text: str | None, warnings: list[str], notes: list[str], recipe: cfg.Recipe,
+              state) -> Path:
     """The part of `train` after the run folder is decided (and locked)."""
     from accelerate import Accelerator  # here: see train
     from accelerate.utils import ProjectConfiguration
@@ -126,6 +137,8 @@ def _train_in(run_dir: Path, resume_text: str | None, notes: list[str], recipe: 
         raise WdmError(f"train.cuda_graph needs one CUDA GPU; this run has {world} process(es) on {device.type}")
     reporter = Reporter(run_dir, accelerator.is_main_process)
     try:
+        for warning in warnings:
+            reporter.warn(warning)
         for note in notes:
             reporter.line(f"note: {note}")
         resolve_backend(recipe.model.scan_backend, device.type)  # unknown/uninstalled backend: one-line error
