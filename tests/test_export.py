@@ -1,12 +1,15 @@
-"""`wdmctl export`: ONNX graphs of tiny models checked and run on ONNX Runtime CPU against PyTorch, the
-manifest, atomic writes, one-line errors, the exported denoiser in sampling, and the TensorRT pieces that
-need no TensorRT (profile shapes, cache keys, engine lookup).
+"""`wdmctl export`: ONNX graphs of tiny models in every scan form, checked and run on ONNX Runtime CPU
+against PyTorch, the manifest, atomic writes, one-line errors, the exported denoiser in sampling, and the
+TensorRT pieces that need no TensorRT (profile shapes, cache keys, engine lookup).
 
 Tolerances (ONNX Runtime vs the fp32 PyTorch model, eps ~ N(0, 1)), from wdmctl.export.verify:
-  fp32: max-abs 1e-3, rel-L2 1e-4   (measured on these models: ~2e-7 max-abs, ~6e-7 rel-L2)
-  fp16: max-abs 5e-2, rel-L2 1e-2   (measured: ~2e-4 max-abs, ~5e-4 rel-L2)
-Tracing is the slow part (dynamic shapes several times slower than static), so the three dynamo exports
-are module fixtures shared by the tests, and the failure-injection tests replay an already traced graph.
+  fp32: max-abs 1e-3, rel-L2 1e-5   (measured on these models, both forms: ~2e-7 max-abs, ~5e-7 rel-L2)
+  fp16: max-abs 5e-2, rel-L2 2e-3   (measured: ~2e-4 max-abs, ~5e-4 rel-L2)
+The linear-attention form is compared with the plain per-token recurrence (`torch-sequential`), so its
+mapping onto LinearAttention is checked by an independent computation; the unrolled forms with the same
+computation in PyTorch. Tracing is the slow part (dynamic shapes several times slower than static), so the
+dynamo exports are module fixtures shared by the tests, and the failure-injection tests replay an already
+traced graph.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from wdmctl.export.onnx_export import ExportSettings, ensure_onnx, export_onnx, 
 from wdmctl.export.runtime import load_exported_denoiser  # noqa: E402
 from wdmctl.export.verify import TOLERANCES, Tolerances  # noqa: E402
 from wdmctl.models.presets import build_model  # noqa: E402
+from wdmctl.models.wdmamba import SSMBranch  # noqa: E402
 
-TINY = dict(width=32, depth=1, sample_size=8, in_channels=4)
+# mixer_conv "2d": the presets' depthwise 3x3 conv over the patch grid, stated so that the shared exports keep
+# testing it whatever the presets say
+TINY = dict(width=32, depth=1, sample_size=8, in_channels=4, mixer_conv="2d")
 NUM_CLASSES = 10
 QUIET = lambda line: None  # noqa: E731
 
@@ -43,12 +49,38 @@ def tiny_model(num_classes: int):
     return build_model("WDM-S/2", **TINY, num_classes=num_classes).eval()
 
 
-def torch_eps(model, scan: str, x, t, y=None, chunk_size: int = 16):
-    """The fp32 PyTorch model on the same scan form as an export."""
-    model.set_scan_backend(*(("torch",) if scan == "chunked" else ("torch-sequential",)), **(
-        {"chunk_size": chunk_size} if scan == "chunked" else {}))
+def torch_eps(model, form: str, x, t, y=None, chunk_size: int = 16):
+    """The fp32 PyTorch model on the reference computation of an export's scan form."""
+    reference = onnx_export.REFERENCE_FORMS[form]
+    model.set_scan_backend(onnx_export.SCAN_FORMS[reference],
+                           **({"chunk_size": chunk_size} if reference == "unrolled" else {}))
     with torch.no_grad():
         return model(x, t, y)
+
+
+def rel_l2(actual, expected) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def auto_choice() -> str:
+    """What --linear-attention auto picks with the installed onnxruntime here (1.32.0 CPU: contrib, which it
+    runs as a kernel, where it expands the standard op into a Scan loop)."""
+    from wdmctl.export.linear_attention import resolve_choice
+    from wdmctl.export.runtime import default_provider
+
+    return resolve_choice("auto", default_provider(), None)
+
+
+def standard_op_missing() -> str | None:
+    """Why ONNX's opset-27 LinearAttention cannot run here on the CPU provider (None: it can). onnxruntime
+    runs it from 1.32.0; older versions (1.31.1 is onnxruntime-gpu's newest) have only the contrib op."""
+    import onnxruntime
+
+    from wdmctl.export.linear_attention import runtime_support
+
+    if runtime_support("standard", "CPUExecutionProvider") is None:
+        return f"onnxruntime {onnxruntime.__version__} cannot run ONNX's opset-27 LinearAttention (1.32.0 can)"
+    return None
 
 
 def inputs(batch: int, conditional: bool, seed: int = 1):
@@ -65,6 +97,12 @@ def load_graph(folder: Path) -> onnx.ModelProto:
 
 def graph_ops(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node}
+
+
+def depthwise_convs(model: onnx.ModelProto, d_inner: int = 64) -> int:
+    """The mixers' 2-D convs: Conv nodes with one group per channel of the tiny model's d_inner."""
+    return sum(n.op_type == "Conv" and any(a.name == "group" and a.i == d_inner for a in n.attribute)
+               for n in model.graph.node)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,29 +122,52 @@ def saved_conditional(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def conditional_export(saved_conditional):
-    """Through the CLI: chunked scan (chunks of 8 over 18 tokens: 8 + 8 + 2), fp32, guidance batch 2 x 2."""
+    """Through the CLI, the defaults: the scan as LinearAttention (auto: the op the installed onnxruntime runs
+    as one kernel, the contrib op on 1.32.0's CPU provider), fp32, guidance batch 2 x 2, into
+    <checkpoint>/export where `sample --backend onnx` looks."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--model", str(saved_conditional), "--batch-size", "2", "--chunk-size", "8"])
+        main(["export", "--model", str(saved_conditional), "--batch-size", "2"])
     assert exit_info.value.code == 0
     return saved_conditional.parent / "export"
+
+
+@pytest.fixture(scope="module")
+def unrolled_export(saved_conditional, tmp_path_factory):
+    """Through the CLI: the unrolled form, chunks of 8 over 18 tokens (8 + 8 + 2), fp32, batch 2 x 2."""
+    out = tmp_path_factory.mktemp("unrolled")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(saved_conditional), "--batch-size", "2", "--scan-form", "unrolled",
+              "--chunk-size", "8", "--out", str(out)])
+    assert exit_info.value.code == 0
+    return out
 
 
 @pytest.fixture(scope="module")
 def unconditional_export(tmp_path_factory):
     """Through the API: sequential scan (17 unrolled steps per block), fp32, batch 3."""
     out = tmp_path_factory.mktemp("uncond")
-    settings = ExportSettings(batch_size=3, scan="sequential")
+    settings = ExportSettings(batch_size=3, scan_form="sequential")
     export_onnx(tiny_model(0), out, settings, {"weights_sha256": "uncond", "ema": True}, log=QUIET)
     return out
 
 
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory):
-    """fp16 with a dynamic batch (1..4), one chunk per scan (dynamic shapes make tracing several times
-    slower, so this graph is the smallest)."""
+    """fp16 with a dynamic batch (1..4), the scan as ONNX's standard LinearAttention (opset 27)."""
+    if reason := standard_op_missing():
+        pytest.skip(reason)
     out = tmp_path_factory.mktemp("fp16")
-    settings = ExportSettings(batch_size=2, dtype="fp16", chunk_size=32, dynamic_batch=True)
+    settings = ExportSettings(batch_size=2, dtype="fp16", linear_attention="standard", dynamic_batch=True)
     export_onnx(tiny_model(NUM_CLASSES), out, settings, {"weights_sha256": "fp16", "ema": True}, log=QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_unrolled_export(tmp_path_factory):
+    """fp16, the unrolled form, one chunk per scan, static batch 2 x 2."""
+    out = tmp_path_factory.mktemp("fp16-unrolled")
+    settings = ExportSettings(batch_size=2, dtype="fp16", scan_form="unrolled", chunk_size=32)
+    export_onnx(tiny_model(NUM_CLASSES), out, settings, {"weights_sha256": "fp16u", "ema": True}, log=QUIET)
     return out
 
 
@@ -114,25 +175,77 @@ def fp16_export(tmp_path_factory):
 # The graphs
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["conditional_export", "unconditional_export", "fp16_export"])
-def test_graphs_are_plain_standard_onnx(which, request):
+# fixture -> (opset imports, ops outside the standard domain)
+STANDARD_OP, CONTRIB_OP = ({"": 27}, set()), ({"": 20, "com.microsoft": 1}, {"com.microsoft.LinearAttention"})
+EXPECTED_GRAPHS = {
+    "conditional_export": None,  # --linear-attention auto: what auto_choice() says
+    "unrolled_export": ({"": 20}, set()),
+    "unconditional_export": ({"": 20}, set()),
+    "fp16_export": STANDARD_OP,
+    "fp16_unrolled_export": ({"": 20}, set()),
+}
+
+
+@pytest.mark.parametrize("which", EXPECTED_GRAPHS)
+def test_graphs_pass_the_checker_with_only_the_expected_ops(which, request):
     folder = request.getfixturevalue(which)
     onnx.checker.check_model(str(folder / ONNX_FILE), full_check=True)
+    expected = EXPECTED_GRAPHS[which] or (STANDARD_OP if auto_choice() == "standard" else CONTRIB_OP)
     graph = load_graph(folder)
-    assert {node.domain for node in graph.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain: o.version for o in graph.opset_import} == expected[0]
+    assert {f"{n.domain}.{n.op_type}" for n in graph.graph.node if n.domain not in ("", "ai.onnx")} == expected[1]
     assert not graph_ops(graph) & {"Loop", "Scan", "If", "SequenceMap"}
     assert not graph.functions
-    assert [(o.domain, o.version) for o in graph.opset_import] == [("", 20)]
 
 
-def test_scan_forms_are_unrolled_in_the_graph(conditional_export, unconditional_export):
-    # chunked: a cumulative sum of log-decays per chunk (3 chunks x 6 blocks); sequential: the decays of all
-    # tokens in one Exp per block, then one Mul + Add per token after the first (17 tokens: time + 16 patches)
-    chunked, sequential = load_graph(conditional_export), load_graph(unconditional_export)
-    ops = ("CumSum", "Exp", "Add", "ScatterElements", "Loop", "Scan")
+@pytest.mark.parametrize("standard, contrib, opset, expected", [
+    ("kernel", "kernel", None, "standard"),     # a runtime with a standard kernel: the standard op
+    ("function", "kernel", None, "contrib"),    # onnxruntime 1.32 CPU: the contrib kernel, not a Scan loop
+    ("function", None, None, "standard"),       # only the expanded standard op: still runs
+    (None, "kernel", None, "contrib"),          # onnxruntime-gpu 1.31.1 on CUDA
+    ("kernel", "kernel", 20, "contrib"),        # --opset 20 rules the standard op out
+    (None, None, None, "runs neither the standard nor the com.microsoft LinearAttention"),
+])
+def test_linear_attention_auto_choice(standard, contrib, opset, expected, monkeypatch):
+    from wdmctl.export import linear_attention
+
+    support = {"standard": standard, "contrib": contrib}
+    monkeypatch.setattr(linear_attention, "runtime_support", lambda choice, provider: support[choice])
+    if expected in ("standard", "contrib"):
+        assert linear_attention.resolve_choice("auto", "CPUExecutionProvider", opset) == expected
+    else:
+        with pytest.raises(WdmError, match=expected):
+            linear_attention.resolve_choice("auto", "CPUExecutionProvider", opset)
+
+
+def test_linear_attention_probe_on_the_installed_runtime():
+    """The one-node probe really runs: onnxruntime 1.32.0's CPU provider has a contrib kernel and runs the
+    standard op through its function body."""
+    from wdmctl.export.linear_attention import runtime_support
+
+    assert runtime_support("contrib", "CPUExecutionProvider") == "kernel"
+    if reason := standard_op_missing():
+        pytest.skip(reason)
+    assert runtime_support("standard", "CPUExecutionProvider") in ("kernel", "function")
+
+
+def test_scan_forms_in_the_graph(conditional_export, unrolled_export, unconditional_export):
+    # linear-attention: one LinearAttention per scan (6 blocks, one direction each), heads = d_inner = 64,
+    # d_k = N = 16; unrolled: two cumulative sums per scan (inside chunks, across chunks) whatever the
+    # number of chunks; sequential: the decays of all tokens in one Exp per block, then one Mul + Add per
+    # token after the first (17 tokens: time + 16 patches)
+    ops = ("LinearAttention", "CumSum", "Exp", "Add", "ScatterElements", "Loop", "Scan")
     histogram = lambda g: {op: sum(n.op_type == op for n in g.graph.node) for op in ops}  # noqa: E731
-    assert histogram(chunked)["CumSum"] == 3 * 6
-    seq = histogram(sequential)
+    linear = load_graph(conditional_export)
+    assert histogram(linear)["LinearAttention"] == 6 and histogram(linear)["CumSum"] == 0
+    for node in (n for n in linear.graph.node if n.op_type == "LinearAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"q_num_heads": 64, "kv_num_heads": 64, "update_rule": b"gated", "scale": 1.0}
+        assert list(node.input)[3] == ""  # no past state: every scan starts from zero
+    assert depthwise_convs(linear) == depthwise_convs(load_graph(unrolled_export)) == 6  # one per block
+    unrolled = histogram(load_graph(unrolled_export))
+    assert unrolled["CumSum"] == 2 * 6 and unrolled["LinearAttention"] == 0
+    seq = histogram(load_graph(unconditional_export))
     assert seq["CumSum"] == seq["ScatterElements"] == seq["Loop"] == seq["Scan"] == 0
     assert seq["Exp"] == 6 and seq["Add"] >= 16 * 6
 
@@ -147,8 +260,10 @@ def test_conditional_io_is_the_guidance_batch(conditional_export):
     assert [o.name for o in graph.graph.output] == ["eps"]
 
 
-def test_fp16_graph_keeps_fp32_islands(fp16_export):
-    graph = onnx.shape_inference.infer_shapes(load_graph(fp16_export))
+@pytest.mark.parametrize("which, scan_ops", [("fp16_export", ("LinearAttention",)),
+                                             ("fp16_unrolled_export", ("CumSum", "Exp"))])
+def test_fp16_graph_keeps_fp32_islands(which, scan_ops, request):
+    graph = onnx.shape_inference.infer_shapes(load_graph(request.getfixturevalue(which)))
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*graph.graph.value_info, *graph.graph.input, *graph.graph.output]}
     types.update({init.name: init.data_type for init in graph.graph.initializer})
@@ -156,10 +271,13 @@ def test_fp16_graph_keeps_fp32_islands(fp16_export):
     def input_types(op):
         return {types.get(n.input[0]) for n in graph.graph.node if n.op_type == op}
 
-    # the projections run in fp16 ...
-    assert input_types("MatMul") == {onnx.TensorProto.FLOAT16}
-    # ... softplus, the scan's decays and cumulative sums, and RMSNorm's mean square in fp32
-    for op in ("Softplus", "CumSum", "Exp", "ReduceMean", "Sqrt"):
+    # the projections (MatMuls with a weight) run in fp16 ...
+    weights = {init.name for init in graph.graph.initializer}
+    projections = [n for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
+    assert projections and {types.get(n.input[0]) for n in projections} == {onnx.TensorProto.FLOAT16}
+    # ... softplus, the scan (its LinearAttention, or its decays and cumulative sums), and RMSNorm's mean
+    # square in fp32
+    for op in ("Softplus", "ReduceMean", "Sqrt", *scan_ops):  # (the unrolled form's own MatMuls are fp32 too)
         assert input_types(op) == {onnx.TensorProto.FLOAT}, op
 
 
@@ -171,13 +289,21 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     m = read_manifest(conditional_export)
     assert m["onnx"]["sha256"] == sha256_file(conditional_export / ONNX_FILE)
     assert m["onnx"]["exporter"] == "dynamo" and m["onnx"]["exporter_note"] is None
-    assert m["onnx"]["opset"] == 20 and m["onnx"]["external_data"] is None
+    choice = auto_choice()
+    opset = 27 if choice == "standard" else 20
+    assert m["onnx"]["opset"] == opset and m["onnx"]["external_data"] is None
     assert m["onnx"]["external_data_sha256"] is None and len(m["onnx"]["content_sha256"]) == 64
     graph = load_graph(conditional_export)
     assert m["onnx"]["node_count"] == len(graph.graph.node) == sum(m["onnx"]["op_histogram"].values())
     assert m["onnx"]["export_seconds"] > 0
-    assert m["settings"] == {"batch_size": 2, "resolution": 8, "dtype": "fp32", "scan": "chunked", "chunk_size": 8,
-                             "opset": 20, "dynamic_batch": False}
+    assert m["settings"] == {"batch_size": 2, "resolution": 8, "dtype": "fp32", "scan_form": "linear-attention",
+                             "linear_attention": choice, "chunk_size": 1, "scan_dtype": "fp32", "opset": opset,
+                             "dynamic_batch": False}
+    assert m["scan"]["form"] == "linear-attention"
+    assert m["scan"]["linear_attention"]["nodes"] == 6 and m["scan"]["linear_attention"]["update_rule"] == "gated"
+    assert m["scan"]["linear_attention"]["dtype"] == "fp32"
+    assert m["runtime"]["onnxruntime"]["cuda_graph"] is True
+    assert m["runtime"]["onnxruntime"]["cuda_provider_options"]["enable_cuda_graph"] == "1"
     assert (m["conditional"], m["num_classes"], m["null_class"], m["batch_range"]) == (True, 10, 10, [4, 4])
     assert [(i["name"], i["shape"], i["dtype"]) for i in m["inputs"]] == [
         ("x", [4, 4, 8, 8], "float32"), ("timesteps", [4], "float32"), ("class_labels", [4], "int64")]
@@ -185,7 +311,8 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     assert m["source"]["step"] == 7
     v = m["verification"]
     assert v["passed"] and v["provider"] == "CPUExecutionProvider"
-    assert v["tolerances"] == {"max_abs": 1e-3, "rel_l2": 1e-4}
+    assert v["tolerances"] == {"max_abs": 1e-3, "rel_l2": 1e-5}
+    assert v["reference"].startswith("PyTorch fp32")
     assert [c["timestep"] for c in v["cases"]] == [0, 250, 500, 750, 999]
     assert v["max_abs"] < 1e-5 and v["rel_l2"] < 1e-5
     assert {"torch", "onnx", "onnxscript", "onnxruntime", "wdmctl"} <= set(m["versions"])
@@ -197,7 +324,8 @@ def test_unconditional_manifest(unconditional_export):
     assert not m["conditional"] and m["null_class"] is None
     assert [(i["name"], i["shape"]) for i in m["inputs"]] == [("x", [3, 4, 8, 8]), ("timesteps", [3])]
     assert m["batch_range"] == [3, 3]
-    assert m["settings"]["scan"] == "sequential" and m["settings"]["chunk_size"] == 1
+    assert m["settings"]["scan_form"] == "sequential" and m["settings"]["chunk_size"] == 1
+    assert m["settings"]["linear_attention"] is None and m["scan"] == {"form": "sequential"}
     assert m["verification"]["passed"] and m["verification"]["rel_l2"] < 1e-5
 
 
@@ -209,10 +337,11 @@ def test_fp16_dynamic_manifest_and_looser_tolerance(fp16_export):
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     v = m["verification"]
     assert sorted({c["batch"] for c in v["cases"]}) == [1, 4]
-    assert v["passed"] and v["tolerances"] == {"max_abs": 5e-2, "rel_l2": 1e-2}
-    assert 1e-5 < v["rel_l2"] < TOLERANCES["fp16"].rel_l2  # really half precision, within its tolerance
-    # really half precision: clearly above fp32 noise, well inside the fp16 tolerance
+    assert v["passed"] and v["tolerances"] == {"max_abs": 5e-2, "rel_l2": 2e-3}
+    # really half precision: clearly above fp32 noise, inside the fp16 tolerance
     assert 1e-5 < v["rel_l2"] < TOLERANCES["fp16"].rel_l2
+    # a dynamic batch has no fixed shapes for ONNX Runtime to capture in a CUDA graph
+    assert m["runtime"]["onnxruntime"]["cuda_graph"] is False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,16 +352,26 @@ def test_fp16_dynamic_manifest_and_looser_tolerance(fp16_export):
 def test_exported_denoiser_matches_torch_any_batch(conditional_export, batch):
     denoise = load_exported_denoiser(conditional_export, "onnx", "cpu")
     x, t, y = inputs(batch, conditional=True)
-    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=8)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "linear-attention", x, t, y)
     torch.testing.assert_close(denoise(x, t, y), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which, form", [("conditional_export", "linear-attention"), ("unrolled_export", "unrolled"),
+                                         ("unconditional_export", "sequential")])
+def test_fp32_parity_on_the_cpu_provider(which, form, request):
+    """Measured: rel-L2 ~5e-7 for every form (issue 17's bound: 1e-5)."""
+    conditional = which != "unconditional_export"
+    denoise = load_exported_denoiser(request.getfixturevalue(which), "onnx", "cpu")
+    x, t, y = inputs(4, conditional=conditional, seed=5)
+    expected = torch_eps(tiny_model(NUM_CLASSES if conditional else 0), form, x, t, y, chunk_size=8)
+    assert rel_l2(denoise(x, t, y), expected) <= 1e-5
 
 
 def test_exported_denoiser_fills_null_labels_and_scalar_time(conditional_export):
     denoise = load_exported_denoiser(conditional_export, "onnx", "cpu")
     x, _, _ = inputs(2, conditional=True)
     t = torch.tensor(500.0)
-    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t.expand(2), torch.full((2,), NUM_CLASSES),
-                         chunk_size=8)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "linear-attention", x, t.expand(2), torch.full((2,), NUM_CLASSES))
     torch.testing.assert_close(denoise(x, t, None), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -243,13 +382,111 @@ def test_unconditional_denoiser(unconditional_export):
     torch.testing.assert_close(denoise(x, t), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch", [3, 6])  # any batch up to 4 as it is; 6 = 4 + 2
-def test_fp16_dynamic_denoiser_within_tolerance(fp16_export, batch):
-    denoise = load_exported_denoiser(fp16_export, "onnx", "cpu")
+@pytest.mark.parametrize("which, form, batch", [
+    ("fp16_export", "linear-attention", 3),   # any batch up to 4 as it is
+    ("fp16_export", "linear-attention", 6),   # 4 + 2
+    ("fp16_unrolled_export", "unrolled", 4),
+])
+def test_fp16_parity_on_the_cpu_provider(which, form, batch, request):
+    """ONNX Runtime's CPU provider runs the fp16 graphs (the scan in its fp32 island): rel-L2 against the
+    fp32 PyTorch model within issue 17's 2e-3 (measured ~5e-4)."""
+    denoise = load_exported_denoiser(request.getfixturevalue(which), "onnx", "cpu")
     x, t, y = inputs(batch, conditional=True)
-    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=32)
-    err = (denoise(x, t, y) - expected).norm() / expected.norm()
-    assert err < TOLERANCES["fp16"].rel_l2
+    expected = torch_eps(tiny_model(NUM_CLASSES), form, x, t, y, chunk_size=32)
+    assert rel_l2(denoise(x, t, y), expected) < TOLERANCES["fp16"].rel_l2
+
+
+def test_scan_dtype_puts_linear_attention_in_the_graph_dtype(tmp_path):
+    """--scan-dtype fp16: the LinearAttention inputs are fp16 (half the traffic), still within the fp16
+    tolerance on the CPU provider (measured rel-L2 5.2e-4, as with the fp32 island)."""
+    settings = ExportSettings(batch_size=2, dtype="fp16", linear_attention="contrib", scan_dtype="fp16")
+    m = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, log=QUIET)
+    assert m["scan"]["linear_attention"]["dtype"] == "fp16" and m["verification"]["passed"]
+    graph = onnx.shape_inference.infer_shapes(load_graph(tmp_path))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.graph.value_info, *graph.graph.input]}
+    scans = [n for n in graph.graph.node if n.op_type == "LinearAttention"]
+    assert len(scans) == 6 and {types[name] for n in scans for name in n.input if name} == {onnx.TensorProto.FLOAT16}
+
+
+def _flip_direction(order: str) -> str:
+    return order[:-len("_reverse")] if order.endswith("_reverse") else order + "_reverse"
+
+
+def _swap_rows_and_columns(order: str) -> str:
+    return order.replace("row", "column") if order.startswith("row") else order.replace("column", "row")
+
+
+@pytest.mark.parametrize("which, form", [("conditional_export", "linear-attention"), ("unrolled_export", "unrolled")])
+def test_scan_direction_and_column_order_reach_the_graph(which, form, request):
+    """The tiny model's blocks scan all four orders (rows or columns, forwards or backwards). The graph
+    matches the model, and is far from the same weights with every direction flipped, or rows and columns
+    swapped: a form that lost `reverse` or the column-major order would fail here. (With the 2-D conv only the
+    scan sees the order, and at this untrained size it moves eps by ~2-3e-4: 20x the parity bound.)"""
+    denoise = load_exported_denoiser(request.getfixturevalue(which), "onnx", "cpu")
+    x, t, y = inputs(4, conditional=True, seed=3)
+    out = denoise(x, t, y)
+    model = tiny_model(NUM_CLASSES)
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "order", None), str)]
+    assert {b.order for b in blocks} == {"row", "row_reverse", "column", "column_reverse"}
+    assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) <= 1e-5
+    for wrong in (_flip_direction, _swap_rows_and_columns):
+        for block in blocks:
+            block.order = wrong(block.order)
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-4, wrong.__name__
+        for block in blocks:
+            block.order = wrong(block.order)  # both mappings are their own inverse
+
+
+# Model options beside the shared exports' 2-D conv: Mamba's causal conv1d along the scan (what the quickstart
+# recipe keeps), and scan-order copies (zigzag lines, pad tokens after each line) that the mixer builds before
+# calling the scan interface without a column grid
+OPTION_MODELS = {"causal1d": dict(mixer_conv="causal1d"), "zigzag-pads": dict(token_order="zigzag", pad_tokens=2)}
+
+
+def option_model(name: str):
+    torch.manual_seed(0)
+    model = build_model("WDM-S/2", **{**TINY, **OPTION_MODELS[name]}, num_classes=NUM_CLASSES).eval()
+    for branch in (m for m in model.modules() if isinstance(m, SSMBranch) and m.pad_tokens is not None):
+        # pads at unit scale, as learned tokens grow to: at the init's 0.02 they barely reach eps, and the
+        # test below could not tell a graph that dropped them
+        branch.pad_tokens.data.mul_(50)
+    return model
+
+
+@pytest.mark.parametrize("form", ["linear-attention", "unrolled"])
+@pytest.mark.parametrize("name", OPTION_MODELS)
+def test_model_options_export_in_both_forms(name, form, tmp_path):
+    """Each option exports in both forms, passes the checker and matches the fp32 PyTorch model on ONNX
+    Runtime's CPU provider within issue 17's fp32 bound."""
+    model = option_model(name)
+    m = export_onnx(model, tmp_path, ExportSettings(batch_size=2, scan_form=form, chunk_size=8),
+                    {"weights_sha256": name}, log=QUIET)
+    assert m["verification"]["passed"] and m["verification"]["rel_l2"] <= 1e-5
+    onnx.checker.check_model(str(tmp_path / ONNX_FILE), full_check=True)
+    graph = load_graph(tmp_path)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("LinearAttention") == (6 if form == "linear-attention" else 0)
+    assert ops.count("CumSum") == (2 * 6 if form == "unrolled" else 0)
+    assert not set(ops) & {"Loop", "Scan", "If", "SequenceMap"}
+    assert depthwise_convs(graph) == (0 if name == "causal1d" else 6)  # (the conv1d: shifted copies, no Conv)
+
+    denoise = load_exported_denoiser(tmp_path, "onnx", "cpu")
+    x, t, y = inputs(4, conditional=True, seed=7)
+    out = denoise(x, t, y)
+    assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) <= 1e-5
+    if name == "zigzag-pads":
+        # a graph that scanned raster lines, or other pad tokens, would be far from the model (measured:
+        # 1.2e-3 and 5.8e-3, 100x the parity bound)
+        mixers = [b.mixer for b in model.modules() if hasattr(b, "mixer")]
+        for mixer in mixers:
+            mixer.zigzag = False
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-4
+        for mixer in mixers:
+            mixer.zigzag = True
+            for branch in (mixer.forward_branch, mixer.backward_branch):
+                if branch is not None:
+                    branch.pad_tokens.data.mul_(-1)
+        assert rel_l2(out, torch_eps(model, form, x, t, y, chunk_size=8)) > 1e-3
 
 
 def test_wrong_input_size_is_a_one_line_error(conditional_export):
@@ -258,20 +495,44 @@ def test_wrong_input_size_is_a_one_line_error(conditional_export):
         denoise(torch.zeros(4, 4, 16, 16), torch.zeros(4), None)
 
 
-def test_sampling_through_onnx_matches_torch(conditional_export):
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+@pytest.mark.parametrize("which, form", [("conditional_export", "linear-attention"), ("unrolled_export", "unrolled")])
+def test_sampling_through_onnx_matches_torch(which, form, request):
     from wdmctl.diffusion import make_noise_scheduler
     from wdmctl.diffusion.sampler import sample_images
 
     model = tiny_model(NUM_CLASSES)
-    model.set_scan_backend("torch", chunk_size=8)
+    reference_form = onnx_export.REFERENCE_FORMS[form]
+    model.set_scan_backend(onnx_export.SCAN_FORMS[reference_form],
+                           **({"chunk_size": 8} if reference_form == "unrolled" else {}))
     common = dict(seeds=[0, 1, 2], labels=[1, 2, 3], steps=4, cfg=1.5, batch_size=3)
     config = dict(make_noise_scheduler().config)
-    reference = sample_images(model, config, None, **common).astype(np.float64)
-    onnx_images = sample_images(model, config, None, denoiser=load_exported_denoiser(conditional_export, "onnx"),
-                                **common).astype(np.float64)
-    mse = np.mean((reference - onnx_images) ** 2)
-    psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
-    assert psnr > 50, psnr
+    reference = sample_images(model, config, None, **common)
+    denoiser = load_exported_denoiser(request.getfixturevalue(which), "onnx")
+    assert psnr(reference, sample_images(model, config, None, denoiser=denoiser, **common)) > 50
+
+
+def test_sample_cli_onnx_backend_matches_torch_backend(conditional_export, saved_conditional, tmp_path):
+    """`wdmctl sample --backend onnx --device cpu` (the export in <checkpoint>/export) against `--backend torch`
+    (the model's own CPU scan), same seeds: the uint8 images agree to within one level almost everywhere
+    (PSNR > 50 dB; measured: identical or one level apart)."""
+    from PIL import Image
+
+    images = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--model", str(saved_conditional), "--backend", backend, "--device", "cpu", "--n", "4",
+                  "--steps", "4", "--class", "1,2,3,4", "--batch-size", "2", "--no-grid", "--out", str(out)])
+        assert exit_info.value.code in (0, None)
+        pngs = sorted(out.glob("*.png"))
+        assert len(pngs) == 4, backend
+        images[backend] = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    assert psnr(images["torch"], images["onnx"]) > 50
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,14 +561,18 @@ def test_ensure_onnx_reuses_a_matching_export(conditional_export, saved_conditio
         ensure_onnx(pipe.model, conditional_export, same, {**source, "weights_sha256": "other"})
 
 
+# the settings of `unrolled_export`, which `replay_traced_graph` replays
+REPLAYED = ExportSettings(batch_size=2, scan_form="unrolled", chunk_size=8)
+
+
 @pytest.fixture
-def replay_traced_graph(conditional_export, monkeypatch):
-    """Skip the (slow) tracing: `trace_to_onnx` returns the conditional export's graph, so writing,
-    checking, verifying and renaming run for real."""
+def replay_traced_graph(unrolled_export, monkeypatch):
+    """Skip the (slow) tracing: `trace_to_onnx` returns the unrolled export's graph, so writing, checking,
+    verifying and renaming run for real (export with REPLAYED)."""
     import onnx_ir
 
     monkeypatch.setattr(onnx_export, "trace_to_onnx",
-                        lambda *a, **k: (onnx_ir.load(conditional_export / ONNX_FILE), "dynamo", None))
+                        lambda *a, **k: (onnx_ir.load(unrolled_export / ONNX_FILE), "dynamo", None))
 
 
 def _files(folder: Path) -> list[str]:
@@ -315,14 +580,14 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_failed_verification_writes_nothing(replay_traced_graph, tmp_path):
-    settings = ExportSettings(batch_size=2, chunk_size=8)
+    settings = REPLAYED
     with pytest.raises(WdmError, match="verification failed: .*nothing was written"):
         export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, tolerances=Tolerances(0.0, 0.0), log=QUIET)
     assert _files(tmp_path) == []  # no .onnx, no manifest, no staging folder
 
 
 def test_failed_overwrite_keeps_the_previous_export(replay_traced_graph, tmp_path):
-    settings = ExportSettings(batch_size=2, chunk_size=8)
+    settings = REPLAYED
     first = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {"weights_sha256": "a"}, log=QUIET)
     with pytest.raises(WdmError, match="verification failed"):
         export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {"weights_sha256": "b"}, overwrite=True,
@@ -341,12 +606,12 @@ def test_interrupted_write_leaves_no_final_file(replay_traced_graph, tmp_path, m
 
     monkeypatch.setattr(onnx_ir, "save", half_write)
     with pytest.raises(WdmError, match="cannot write denoiser.onnx: No space left on device"):
-        export_onnx(tiny_model(NUM_CLASSES), tmp_path, ExportSettings(batch_size=2, chunk_size=8), {}, log=QUIET)
+        export_onnx(tiny_model(NUM_CLASSES), tmp_path, REPLAYED, {}, log=QUIET)
     assert _files(tmp_path) == []
 
 
 def test_large_weights_go_to_external_data(replay_traced_graph, tmp_path, monkeypatch):
-    settings = ExportSettings(batch_size=2, chunk_size=8)
+    settings = REPLAYED
     inline_limit = onnx_export.EXTERNAL_DATA_BYTES
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the weights passed 1.5 GiB
     m = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, log=QUIET)
@@ -355,7 +620,7 @@ def test_large_weights_go_to_external_data(replay_traced_graph, tmp_path, monkey
     assert m["onnx"]["external_data_sha256"] == sha256_file(tmp_path / "denoiser.onnx.data")
     assert m["verification"]["passed"]
     x, t, y = inputs(4, conditional=True)
-    expected = torch_eps(tiny_model(NUM_CLASSES), "chunked", x, t, y, chunk_size=8)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "unrolled", x, t, y, chunk_size=8)
     torch.testing.assert_close(load_exported_denoiser(tmp_path, "onnx")(x, t, y), expected, atol=1e-4, rtol=1e-4)
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", inline_limit)  # inline again: the stale data file goes
     replaced = export_onnx(tiny_model(NUM_CLASSES), tmp_path, settings, {}, overwrite=True, log=QUIET)
@@ -368,7 +633,7 @@ def test_torchscript_fallback_is_noted_and_verified(tmp_path, monkeypatch):
         raise RuntimeError("dynamo cannot\nsecond line")
 
     monkeypatch.setattr(onnx_export, "_dynamo_export", broken)
-    settings = ExportSettings(batch_size=2, chunk_size=32)
+    settings = ExportSettings(batch_size=2, scan_form="unrolled", chunk_size=32)
     m = export_onnx(tiny_model(0), tmp_path, settings, {}, log=QUIET)
     assert m["onnx"]["exporter"] == "torchscript"
     assert "dynamo exporter failed (dynamo cannot)" in m["onnx"]["exporter_note"]
@@ -380,7 +645,14 @@ def test_torchscript_fallback_is_noted_and_verified(tmp_path, monkeypatch):
 def test_no_torchscript_fallback_above_opset_20(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "_dynamo_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(WdmError, match="TorchScript fallback stops at opset 20"):
-        export_onnx(tiny_model(0), tmp_path, ExportSettings(opset=21), {}, log=QUIET)
+        export_onnx(tiny_model(0), tmp_path, ExportSettings(scan_form="unrolled", opset=21), {}, log=QUIET)
+    assert _files(tmp_path) == []
+
+
+def test_no_torchscript_fallback_for_linear_attention(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "_dynamo_export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(WdmError, match="cannot write LinearAttention, so try --scan-form unrolled"):
+        export_onnx(tiny_model(0), tmp_path, ExportSettings(), {}, log=QUIET)
     assert _files(tmp_path) == []
 
 
@@ -399,10 +671,15 @@ def one_line_error(args: list[str], capsys) -> str:
 
 @pytest.mark.parametrize("extra, message", [
     (["--opset", "17"], "--opset 17 is too low for a fp32 export: 18 or higher"),
-    (["--dtype", "bf16"], "--opset 20 is too low for a bf16 export: 22 or higher (bfloat16 Conv"),
+    (["--dtype", "bf16", "--scan-form", "unrolled"], "--opset 20 is too low for a bf16 export: 22 or higher (bfloat16 Conv"),
     (["--opset", "99"], "--opset 99 is newer than the installed onnx"),
-    (["--scan", "parallel"], "--scan must be one of chunked, sequential"),
-    (["--dtype", "int8"], "--dtype must be one of fp32, fp16, bf16"),
+    (["--scan-form", "parallel"], "--scan-form must be one of linear-attention, unrolled, sequential"),
+    (["--linear-attention", "fused"], "--linear-attention must be one of auto, standard, contrib"),
+    (["--linear-attention", "standard", "--opset", "20"], "the standard LinearAttention needs --opset 27"),
+    (["--trt", "--scan-form", "linear-attention"], "TensorRT cannot build from the linear-attention graph"),
+    (["--scan-dtype", "fp16"], "--scan-dtype must be fp32 or the graph's --dtype fp32, not 'fp16'"),
+    (["--dtype", "fp16", "--scan-dtype", "fp16", "--scan-form", "unrolled"], "is for --scan-form linear-attention"),
+    (["--dtype", "int8"], "--dtype must be one of fp32, bf16, fp16, not 'int8'"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--resolution", "7"], "--resolution 7 is not a multiple of the patch size 2"),
 ])
@@ -432,11 +709,11 @@ def test_model_without_exportable_scan_path(monkeypatch):
     from wdmctl.scan import BACKENDS, resolve_backend
 
     with pytest.raises(WdmError, match="Linear has no exportable scan path"):
-        onnx_export.prepare_for_export(torch.nn.Linear(2, 2), "fp32", "chunked", 16)
+        onnx_export.prepare_for_export(torch.nn.Linear(2, 2), "fp32", "unrolled", 16)
     resolve_backend("torch", "cpu")  # registers the built-in backends
     monkeypatch.setattr(BACKENDS["torch"], "exportable", False)
     with pytest.raises(WdmError, match="no exportable scan path"):
-        onnx_export.prepare_for_export(tiny_model(0), "fp32", "chunked", 16)
+        onnx_export.prepare_for_export(tiny_model(0), "fp32", "unrolled", 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,12 +729,17 @@ def _has_tensorrt() -> bool:
 
 
 @pytest.mark.skipif(_has_tensorrt(), reason="TensorRT is installed here")
-def test_trt_without_tensorrt_is_one_line(saved_conditional, tmp_path, capsys):
+def test_trt_without_tensorrt_is_one_line(saved_conditional, unrolled_export, tmp_path, capsys):
     err = one_line_error(["export", "--trt", "--model", str(saved_conditional), "--out", str(tmp_path)], capsys)
     assert err == 'error: TensorRT is not installed: pip install "wdmctl[export]"'
     assert _files(tmp_path) == []  # refused before any export work
     with pytest.raises(MissingDependency, match=r'pip install "wdmctl\[export\]"'):
-        tensorrt_build.build_engine(tmp_path)
+        tensorrt_build.build_engine(unrolled_export)
+
+
+def test_trt_builds_from_standard_ops_only(conditional_export):
+    with pytest.raises(WdmError, match="TensorRT cannot build from the linear-attention graph"):
+        tensorrt_build.build_engine(conditional_export)
 
 
 def test_trt_backend_needs_cuda(conditional_export):
@@ -527,35 +809,51 @@ def test_find_engine_matches_gpu_and_tensorrt_version(tmp_path, monkeypatch):
 # bench denoiser (CPU: PyTorch eager and ONNX Runtime on the existing export; TensorRT reported as skipped)
 # ----------------------------------------------------------------------------------------------------
 
-def test_bench_model_reuses_the_export_and_reports_each_backend(conditional_export, saved_conditional):
-    from wdmctl.export.benchmark import DenoiserBench, bench_model
+def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_export, unrolled_export,
+                                                                   saved_conditional, tmp_path):
+    import shutil
+
+    from wdmctl.bench.denoiser import DenoiserBench, bench_model
     from wdmctl.pipeline import load_pipeline
 
     pipe = load_pipeline(saved_conditional)
-    bench = DenoiserBench(batch_size=2, dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1,
-                          backends=["eager", "onnxruntime", "tensorrt"])
-    before = sha256_file(conditional_export / MANIFEST_FILE)
+    root = tmp_path / "tiny"
+    # the fixtures' exports are the ones this bench asks for (same weights and settings): reused, not re-exported
+    shutil.copytree(conditional_export, root / "linear-attention-b2-fp32")
+    shutil.copytree(unrolled_export, root / "unrolled-b2-fp32")
+    before = {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()}
+    bench = DenoiserBench(dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1,
+                          backends=["eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
+                                    "ort-unrolled", "tensorrt"])
     result = bench_model("tiny", pipe.model, source_identity(saved_conditional, True, pipe.meta), bench,
-                         torch.device("cpu"), conditional_export)
-    assert sha256_file(conditional_export / MANIFEST_FILE) == before  # reused, not exported again
-    assert result["graph_batch"] == 4 and result["onnx"]["node_count"] > 0
-    for backend in ("eager", "onnxruntime"):
+                         torch.device("cpu"), root, batch_size=2)
+    assert {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()} == before
+    assert result["graph_batch"] == 4 and result["batch_size"] == 2
+    assert result["onnx"]["linear-attention"]["scan"]["linear_attention"]["nodes"] == 6
+    assert result["onnx"]["unrolled"]["node_count"] > result["onnx"]["linear-attention"]["node_count"]
+    for backend in ("eager", "ort-linear-attention", "ort-unrolled"):
         timing = result["backends"][backend]
         assert timing["latency_ms"] > 0 and timing["sampling_s"] > 0, backend
+    for backend in ("ort-linear-attention", "ort-unrolled"):  # fp32 CPU: the eager model's own output
+        assert result["backends"][backend]["rel_l2_vs_eager"] < 1e-5 and result["backends"][backend]["vs_eager"] > 0
+        assert result["backends"][backend]["what"] == "ONNX Runtime CPU EP"
+    assert "CUDA" in result["backends"]["eager-cuda-graph"]["skipped"]
+    assert "same graph as linear-attention" in result["onnx"]["linear-attention-dtype-scan"]["error"]
+    assert "no linear-attention-dtype-scan export" in result["backends"]["ort-linear-attention-dtype-scan"]["skipped"]
     if not _has_tensorrt():
         assert "pip install" in result["backends"]["tensorrt"]["skipped"]
     json.dumps(result)
 
 
 def test_bench_rejects_unknown_backends():
-    from wdmctl.export.benchmark import DenoiserBench, run_denoiser_bench
+    from wdmctl.bench.denoiser import DenoiserBench, run_denoiser_bench
 
     with pytest.raises(WdmError, match="unknown backend"):
         run_denoiser_bench(DenoiserBench(presets=["WDM-B/2"], backends=["tvm"]))
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU (H100, with onnxruntime-gpu; TensorRT where installed)
+# GPU (with onnxruntime-gpu; TensorRT where installed). Never run: no GPU where this was written
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -565,27 +863,29 @@ def test_onnxruntime_cuda_parity(conditional_export):
         pytest.skip("needs a CUDA device and onnxruntime-gpu")
     from wdmctl.export.verify import exact_fp32
 
-    denoise = load_exported_denoiser(conditional_export, "onnx", "cuda")
     model = tiny_model(NUM_CLASSES).cuda()
-    for batch in (4, 3):
-        x, t, y = (v.cuda() for v in inputs(batch, conditional=True))
-        with exact_fp32():
-            expected = torch_eps(model, "chunked", x, t, y, chunk_size=8)
-        out = denoise(x, t, y)
-        assert out.device.type == "cuda"
-        torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
+    for cuda_graph in (False, True):
+        denoise = load_exported_denoiser(conditional_export, "onnx", "cuda", cuda_graph=cuda_graph)
+        assert denoise.runner.cuda_graph == cuda_graph, denoise.runner.cuda_graph_note
+        for batch in (4, 3, 4):  # with a graph: captured, then replayed (3 is padded to the graph's 4)
+            x, t, y = (v.cuda() for v in inputs(batch, conditional=True, seed=batch))
+            with exact_fp32():
+                expected = torch_eps(model, "linear-attention", x, t, y)
+            out = denoise(x, t, y)
+            assert out.device.type == "cuda"
+            assert rel_l2(out, expected) <= 1e-5
 
 
 @pytest.mark.gpu
-def test_tensorrt_engine_parity_and_cache(conditional_export):
+def test_tensorrt_engine_parity_and_cache(unrolled_export):
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    entry = tensorrt_build.build_engine(conditional_export, log=QUIET)
-    assert tensorrt_build.build_engine(conditional_export, log=QUIET) == entry  # cached
-    denoise = load_exported_denoiser(conditional_export, "trt", "cuda")
+    entry = tensorrt_build.build_engine(unrolled_export, log=QUIET)
+    assert tensorrt_build.build_engine(unrolled_export, log=QUIET) == entry  # cached
+    denoise = load_exported_denoiser(unrolled_export, "trt", "cuda")
     model = tiny_model(NUM_CLASSES).cuda()
     x, t, y = (v.cuda() for v in inputs(4, conditional=True))
-    expected = torch_eps(model, "chunked", x, t, y, chunk_size=8)
+    expected = torch_eps(model, "unrolled", x, t, y, chunk_size=8)
     for _ in range(2):  # capture, then replay
         torch.testing.assert_close(denoise(x, t, y), expected, atol=2e-3, rtol=2e-3)

@@ -12,7 +12,8 @@ from wdmctl.errors import WdmError
 from wdmctl.export.manifest import read_manifest
 from wdmctl.export.onnx_export import (ExportSettings, default_export_dir, ensure_onnx, export_onnx,
                                        prepare_out_dir, source_identity)
-from wdmctl.export.tensorrt_build import DEFAULT_OPTIMIZATION_LEVEL, build_engine, require_tensorrt
+from wdmctl.export.tensorrt_build import (DEFAULT_OPTIMIZATION_LEVEL, build_engine, require_standard_ops_graph,
+                                          require_tensorrt)
 from wdmctl.pipeline import load_pipeline
 from wdmctl.runs import resolve_pipeline_dir
 
@@ -40,6 +41,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> tuple[
     minutes of export work is checked first. Returns the export folder and its final manifest."""
     req.settings.check()
     if req.trt:
+        require_standard_ops_graph(req.settings.scan_form)
         require_tensorrt()
         if not torch.cuda.is_available():
             raise WdmError("--trt builds an engine for the GPU it runs on, and no CUDA GPU is visible")

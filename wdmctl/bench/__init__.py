@@ -7,7 +7,5 @@ the device it ran on (`wdmctl.core.device.write_json`).
     scan.py       the selective scan and causal conv1d per backend
     cache.py      autoencoder encoding throughput
     inception.py  FID Inception throughput
-
-`wdmctl bench denoiser` (exported ONNX / TensorRT against PyTorch) lives with the export code it times,
-in wdmctl/export/benchmark.py.
+    denoiser.py   one denoiser call per backend: eager PyTorch, ONNX Runtime per export form, TensorRT
 """

@@ -297,25 +297,28 @@ def bench_inception(
 def bench_denoiser(
     presets: Optional[List[str]] = typer.Option(None, "--preset", help="Model preset with random weights (repeat; default: WDM-B/2 and WDM-XL/2)."),
     model: Optional[str] = options.MODEL,
-    batch_size: int = typer.Option(8, min=1, help="Images per batch; conditional models run the guidance batch, 2x this."),
+    batch_sizes: Optional[List[int]] = typer.Option(None, "--batch-size", min=1, help="Images per batch (repeat; default: 8 and 32); conditional models run the guidance batch, 2x this."),
     resolution: Optional[int] = typer.Option(None, help="Input side (default: the model's trained size, 32 latents = 256 px)."),
     dtype: str = typer.Option("fp16", help=f"{' | '.join(PRECISIONS)}, for every backend."),
-    scan: str = typer.Option("chunked", help="chunked | sequential: the exported (and compiled) scan form."),
-    chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of the chunked scan (default: the scan's own)."),
-    backends: str = typer.Option("eager,eager-torch-scan,compile,onnxruntime,tensorrt", help="Comma-separated subset of: eager, eager-torch-scan, compile, onnxruntime, tensorrt."),
-    steps: int = typer.Option(50, min=1, help="Solver steps of the timed sampling run."),
+    chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of the unrolled form (default: the torch scan's own)."),
+    linear_attention: str = typer.Option("auto", help="auto | standard | contrib: the LinearAttention op of the linear-attention export."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated, of: eager, eager-cuda-graph, eager-torch-scan, compile, ort-linear-attention, ort-linear-attention-dtype-scan, ort-unrolled, tensorrt (default: all but eager-torch-scan and compile)."),
+    steps: int = typer.Option(0, min=0, help="Also time an N-step sampling run per backend (0: latency only)."),
     warmup: int = typer.Option(3, min=0, help="Untimed calls before timing."),
     iters: int = typer.Option(20, min=1, help="Timed denoiser calls (the median is reported)."),
     work_dir: Optional[str] = typer.Option(None, help="Where the ONNX exports go (reused when they match; default: a temporary folder)."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
-    """Latency per denoiser call and N-step sampling time per backend, same shapes, same run (JSON)."""
-    from wdmctl.export.benchmark import DenoiserBench, run_denoiser_bench
+    """Latency per denoiser call per backend and batch size, against eager PyTorch in the same run (JSON naming the GPU)."""
+    from wdmctl.bench.denoiser import DenoiserBench, run_denoiser_bench
 
-    chunk = {} if chunk_size is None else {"chunk_size": chunk_size}
+    chosen = {"batch_sizes": batch_sizes} if batch_sizes else {}
+    if backends:
+        chosen["backends"] = _words(backends)
+    if chunk_size is not None:  # None: DenoiserBench's default, the scan's
+        chosen["chunk_size"] = chunk_size
     bench = DenoiserBench(presets=presets or ([] if model else DEFAULT_DENOISER_PRESETS), model=model,
-                          batch_size=batch_size, resolution=resolution, dtype=dtype, scan=scan,
-                          backends=_words(backends), steps=steps, warmup=warmup, iters=iters, work_dir=work_dir,
-                          device=device, **chunk)
+                          resolution=resolution, dtype=dtype, linear_attention=linear_attention, steps=steps,
+                          warmup=warmup, iters=iters, work_dir=work_dir, device=device, **chosen)
     typer.echo(run_denoiser_bench(bench, out))

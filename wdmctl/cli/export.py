@@ -8,6 +8,14 @@ import typer
 
 from wdmctl.cli import options
 from wdmctl.cli.app import app
+from wdmctl.core.precision import PRECISIONS
+
+SCAN_FORM_HELP = ("linear-attention (the default): each scan as one LinearAttention node (fast; ONNX Runtime "
+                  "only). unrolled (the default with --trt): standard ops only, chunks of --chunk-size tokens (any "
+                  "runtime; what --trt builds from). sequential: standard ops, one step per token.")
+LINEAR_ATTENTION_HELP = ("auto | standard | contrib: ONNX's opset-27 LinearAttention, or onnxruntime's "
+                         "com.microsoft.LinearAttention; auto takes the standard op where the installed "
+                         "onnxruntime runs it, else the contrib one.")
 
 
 @app.command("export")
@@ -17,28 +25,38 @@ def export(
     checkpoint: str = options.CHECKPOINT,
     out: Optional[str] = typer.Option(None, help="Export folder (default: <checkpoint>/export, where `wdmctl sample --backend onnx|trt` looks)."),
     onnx: bool = typer.Option(False, "--onnx", help="Export the ONNX graph (what happens when neither --onnx nor --trt is given)."),
-    trt: bool = typer.Option(False, "--trt", help="Build a TensorRT engine for this GPU; exports the ONNX graph first when --out has none of these weights and settings."),
+    trt: bool = typer.Option(False, "--trt", help="Build a TensorRT engine for this GPU from the unrolled graph; exports it first when --out has none of these weights and settings. Written to TensorRT's documented Python API, never run."),
     batch_size: int = typer.Option(16, help="Images per denoiser batch; a conditional model's graph takes the guidance batch, 2x this."),
     resolution: Optional[int] = typer.Option(None, help="Input side: the latent side for latent models, 32 for 256 px (default: the trained size)."),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16: the graph's precision (scan, softplus and norms stay fp32)."),
-    scan: str = typer.Option("chunked", help="chunked | sequential: the unrolled form of the selective scan."),
-    chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of the chunked scan (default: the scan's own)."),
-    opset: int = typer.Option(20, help="ONNX opset: 18 or newer (bf16: 22 or newer)."),
+    dtype: str = typer.Option("fp32", help=f"{' | '.join(PRECISIONS)}: the graph's precision (scan, softplus and norms stay fp32)."),
+    scan_form: Optional[str] = typer.Option(None, help=SCAN_FORM_HELP),
+    linear_attention: str = typer.Option("auto", help=LINEAR_ATTENTION_HELP),
+    chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of --scan-form unrolled (default: the torch scan's own)."),
+    scan_dtype: str = typer.Option("fp32", help="fp32, or the --dtype: the precision of LinearAttention's inputs (the scan's fp32 island, or half the memory traffic)."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset: 18 or newer (bf16: 22 or newer; the standard LinearAttention: 27 or newer). Default: 27 with the standard LinearAttention, else 20."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Accept any batch from 1 up to the graph's batch."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare ONNX Runtime with PyTorch after exporting; fail above the tolerance."),
     overwrite: bool = options.OVERWRITE,
     no_ema: bool = options.NO_EMA,
     optimization_level: int = typer.Option(3, min=0, max=5, help="TensorRT builder optimisation level (--trt)."),
 ) -> None:
-    """Export the denoiser to ONNX (scan unrolled, standard ops only) and/or build a TensorRT engine."""
+    """Export the denoiser to ONNX and/or build a TensorRT engine.
+
+    Never run (no GPU, and TensorRT cannot be installed where this was written): the TensorRT engine build
+    and runtime (--trt, --backend trt); on ONNX Runtime's CUDA provider, its CUDA graphs and the
+    LinearAttention op (I/O binding ran on an H200 with the earlier unrolled graph). The ONNX export, its
+    verification and sampling run on ONNX Runtime's CPU provider in the tests."""
     from rich.console import Console
 
     from wdmctl.apps.export import ExportRequest, run_export
     from wdmctl.export.onnx_export import ExportSettings
 
     console = Console(stderr=True)
+    # TensorRT has no LinearAttention: --trt builds from (and by default exports) the unrolled form
+    scan_form = scan_form or ("unrolled" if trt else "linear-attention")
     chunk = {} if chunk_size is None else {"chunk_size": chunk_size}  # None: ExportSettings' default, the scan's
-    settings = ExportSettings(batch_size=batch_size, resolution=resolution, dtype=dtype, scan=scan, opset=opset,
+    settings = ExportSettings(batch_size=batch_size, resolution=resolution, dtype=dtype, scan_form=scan_form,
+                              linear_attention=linear_attention, scan_dtype=scan_dtype, opset=opset,
                               dynamic_batch=dynamic_batch, **chunk)
     out_dir, manifest = run_export(ExportRequest(run=run, model=model, checkpoint=checkpoint, out=out, onnx=onnx, trt=trt,
                                         settings=settings, verify=verify, overwrite=overwrite, ema=not no_ema,

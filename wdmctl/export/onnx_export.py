@@ -1,9 +1,13 @@
-"""Export the denoiser to ONNX through the pure-PyTorch scan, unrolled, with fp32 islands.
+"""Export the denoiser to ONNX, the selective scan in one of three forms, with fp32 islands.
 
 What the graph is:
-* the model with the `torch` scan backend (`chunked`: T-token chunks with an overflow-free decay matrix;
-  `sequential`: one step per token). torch.export traces the Python loops into straight-line code: no
-  Loop/Scan/If nodes, no custom domains, only standard ONNX ops that ONNX Runtime and TensorRT run.
+* the model on an exportable scan backend, chosen by the scan form:
+  `linear-attention` (the default): one LinearAttention node per scan (`linear_attention`: ONNX's opset-27
+  op, or onnxruntime's com.microsoft one), everything around it ordinary ops;
+  `unrolled`: the `torch` chunked scan (T-token chunks, overflow-free decay matrices) in standard ops only:
+  what TensorRT builds from and what runs on any runtime;
+  `sequential`: the `torch-sequential` scan, one step per token, standard ops only.
+  torch.export traces the Python code into straight-line graphs: no Loop/Scan/If nodes.
 * weights in the export dtype (fp32, fp16 or bf16) except the scan's A_log, D and dt bias; the scan,
   softplus and the norms compute in fp32 whatever the dtype (the scan upcasts its inputs, torch's
   RMSNorm upcasts internally), so a low-precision graph has fp32 islands exactly there.
@@ -33,14 +37,19 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from wdmctl.core.precision import check_precision, torch_dtype
 from wdmctl.errors import WdmError, first_line
 from wdmctl.export.manifest import (FORMAT, MANIFEST_FILE, ONNX_FILE, export_versions, read_manifest,
                                     sha256_file, write_manifest)
 from wdmctl.export.verify import TIMESTEPS, TOLERANCES, Tolerances, VerificationCase, verify_onnx
 from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCAN_FORMS = {"chunked": "torch", "sequential": "torch-sequential"}  # --scan -> wdmctl.scan backend
+# --scan-form -> the wdmctl.scan backend the model is traced on
+SCAN_FORMS = {"linear-attention": "linear-attention", "unrolled": "torch", "sequential": "torch-sequential"}
+# the PyTorch computation each form is verified against: the plain recurrence for the op (an independent
+# check of its mapping), the same computation for the unrolled forms
+REFERENCE_FORMS = {"linear-attention": "sequential", "unrolled": "unrolled", "sequential": "sequential"}
+DEFAULT_OPSET = 20
 # The dynamo exporter writes opset 18 (ReduceMean/Split take axes as inputs from there on) and converts
 # upwards; ONNX's Conv accepts bfloat16 only from opset 22, and the patch embedding is a Conv.
 MIN_OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
@@ -61,32 +70,55 @@ class ExportSettings:
     batch_size: int = 16           # images per denoiser batch; the graph's batch is 2x this when guided
     resolution: int | None = None  # the model input's side (latent side for latent models); None = trained
     dtype: str = "fp32"
-    scan: str = "chunked"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    opset: int = 20
+    scan_form: str = "linear-attention"
+    linear_attention: str | None = "auto"  # auto | standard | contrib; resolved: standard | contrib (None: other forms)
+    chunk_size: int = DEFAULT_CHUNK_SIZE   # tokens per chunk of the unrolled form
+    scan_dtype: str = "fp32"               # LinearAttention's inputs: fp32 (an fp32 island) or --dtype
+    opset: int | None = None               # None: 27 with the standard LinearAttention, else 20
     dynamic_batch: bool = False
 
     def check(self) -> None:
         """One-line errors for values that are wrong whatever the model."""
-        if self.dtype not in DTYPES:
-            raise WdmError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.scan not in SCAN_FORMS:
-            raise WdmError(f"--scan must be one of {', '.join(SCAN_FORMS)}, not {self.scan!r}")
-        check_opset(self.opset, self.dtype)
+        from wdmctl.export.linear_attention import CHOICES
+
+        check_precision(self.dtype, "--dtype")
+        if self.scan_form not in SCAN_FORMS:
+            raise WdmError(f"--scan-form must be one of {', '.join(SCAN_FORMS)}, not {self.scan_form!r}")
+        if self.scan_form == "linear-attention" and self.linear_attention not in CHOICES:
+            raise WdmError(f"--linear-attention must be one of {', '.join(CHOICES)}, not {self.linear_attention!r}")
+        if self.opset is not None:
+            check_opset(self.opset, self.dtype)
         if self.batch_size < 1:
             raise WdmError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.chunk_size < 1:
             raise WdmError(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        if self.scan_dtype not in ("fp32", self.dtype):
+            raise WdmError(f"--scan-dtype must be fp32 or the graph's --dtype {self.dtype}, not {self.scan_dtype!r}")
+        if self.scan_dtype != "fp32" and self.scan_form != "linear-attention":
+            raise WdmError(f"--scan-dtype {self.scan_dtype} is for --scan-form linear-attention; the "
+                           f"{self.scan_form} scan computes in fp32")
 
     def resolved(self, config) -> "ExportSettings":
-        """Checked against the model's config, with the resolution filled in."""
+        """Checked against the model's config, with the resolution, the LinearAttention spelling (from what the
+        installed onnxruntime runs on the provider that will run the graph) and the opset filled in."""
+        from wdmctl.export.linear_attention import OPS, resolve_choice
+        from wdmctl.export.runtime import default_provider
+
         self.check()
         resolution = self.resolution or config.sample_size
         if resolution < config.patch_size or resolution % config.patch_size:
             raise WdmError(f"--resolution {resolution} is not a multiple of the patch size {config.patch_size}")
-        # the chunk size means nothing to the sequential form; fixing it keeps reuse checks honest
-        chunk = self.chunk_size if self.scan == "chunked" else 1
-        return replace(self, resolution=resolution, chunk_size=chunk)
+        # settings that mean nothing to a form are fixed, which keeps reuse checks honest
+        chunk = self.chunk_size if self.scan_form == "unrolled" else 1
+        choice = None
+        if self.scan_form == "linear-attention":
+            choice = resolve_choice(self.linear_attention, default_provider(), self.opset)
+        opset = self.opset or (OPS["standard"][1] if choice == "standard" else DEFAULT_OPSET)
+        check_opset(opset, self.dtype)
+        if choice == "standard" and opset < OPS["standard"][1]:
+            raise WdmError(f"the standard LinearAttention needs --opset {OPS['standard'][1]} or newer, not {opset} "
+                           "(or --linear-attention contrib)")
+        return replace(self, resolution=resolution, chunk_size=chunk, linear_attention=choice, opset=opset)
 
     def graph_batch(self, conditional: bool) -> int:
         return 2 * self.batch_size if conditional else self.batch_size
@@ -114,20 +146,26 @@ class DenoiserForExport(nn.Module):
         return self.model(x.to(self.dtype), timesteps, class_labels).float()
 
 
-def prepare_for_export(model: nn.Module, dtype: str, scan: str, chunk_size: int) -> DenoiserForExport:
-    """A copy of `model` on an exportable scan path, cast to `dtype` with the scan's parameters in fp32.
-    One-line error when the model has no exportable scan path."""
+def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size: int,
+                       scan_dtype: str = "fp32") -> DenoiserForExport:
+    """A copy of `model` on the scan backend of `scan_form`, cast to `dtype` with the scan's parameters in
+    fp32 (and LinearAttention's inputs in `scan_dtype`). One-line error when the model has no exportable
+    scan path."""
+    import wdmctl.export.linear_attention  # noqa: F401  (registers the linear-attention scan backend)
     from wdmctl.models.wdmamba import SSMBranch
     from wdmctl.scan import resolve_backend
 
     if not hasattr(model, "set_scan_backend"):
         raise WdmError(f"{type(model).__name__} has no exportable scan path (it cannot switch to the torch scan)")
-    backend = resolve_backend(SCAN_FORMS[scan], "cpu")
+    backend = resolve_backend(SCAN_FORMS[scan_form], "cpu")
     if not backend.exportable:
-        raise WdmError(f"the {scan} scan ({backend.name!r} backend) is not exportable; no exportable scan path")
+        raise WdmError(f"the {scan_form} scan ({backend.name!r} backend) is not exportable; no exportable scan path")
     twin = copy.deepcopy(model).eval().requires_grad_(False)
-    twin.set_scan_backend(backend.name, **({"chunk_size": chunk_size} if scan == "chunked" else {}))
-    target = DTYPES[dtype]
+    options = {"chunk_size": chunk_size} if scan_form == "unrolled" else {}
+    if scan_form == "linear-attention":
+        options["scan_dtype"] = torch_dtype(scan_dtype, "--scan-dtype")
+    twin.set_scan_backend(backend.name, **options)
+    target = torch_dtype(dtype, "--dtype")
     # set .data rather than calling .to(): diffusers' ModelMixin.to warns about fp32-kept modules on every cast
     for tensor in [*twin.parameters(), *twin.buffers()]:
         if tensor.is_floating_point():
@@ -172,10 +210,27 @@ def _dynamo_export(module: nn.Module, inputs: tuple, names: list[str], settings:
     if settings.dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic_shapes = {name: {0: batch} for name in names}
-    program = torch.onnx.export(module, inputs, dynamo=True, opset_version=settings.opset, input_names=names,
+    translations = None
+    trace_opset = settings.opset
+    if settings.scan_form == "linear-attention":
+        from wdmctl.export.linear_attention import translation_table
+
+        translations = translation_table()
+        # from opset 23 the exporter writes RMSNormalization, which onnx's converter cannot lift to 27: trace
+        # at the default opset and convert (the LinearAttention placeholder is outside the converted domain)
+        trace_opset = min(settings.opset, DEFAULT_OPSET)
+    program = torch.onnx.export(module, inputs, dynamo=True, opset_version=trace_opset, input_names=names,
                                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, optimize=False,
-                                verbose=False)
-    return program.model
+                                verbose=False, custom_translation_table=translations)
+    model = program.model
+    if trace_opset != settings.opset:
+        from onnxscript.version_converter import convert_version
+
+        convert_version(model, settings.opset, fallback=True)
+    if model.opset_imports.get("") != settings.opset:  # the exporter's opset conversion gives up quietly
+        raise WdmError(f"the ONNX exporter could not write opset {settings.opset} (it wrote "
+                       f"{model.opset_imports.get('')}); try another --opset")
+    return model
 
 
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
@@ -214,6 +269,9 @@ def trace_to_onnx(module: nn.Module, inputs: tuple, names: list[str], settings: 
     except WdmError:
         raise
     except Exception as err:  # the exporter raises many types; all mean "this exporter cannot do it"
+        if settings.scan_form == "linear-attention":
+            raise WdmError(f"the ONNX exporter failed ({first_line(err)}); the TorchScript fallback cannot write "
+                           "LinearAttention, so try --scan-form unrolled") from None
         if settings.opset > TORCHSCRIPT_MAX_OPSET:
             raise WdmError(f"the ONNX exporter failed ({first_line(err)}); the TorchScript fallback stops at "
                            f"opset {TORCHSCRIPT_MAX_OPSET}, so try --opset 20") from None
@@ -243,24 +301,31 @@ def simplify(model) -> None:
 
 
 def graph_summary(model) -> dict[str, Any]:
-    """Node count, op histogram (most frequent first), domains and opsets of an onnx_ir Model."""
+    """Node count, op histogram (most frequent first), domains, ops outside the standard domain and opsets of
+    an onnx_ir Model."""
     ops = collections.Counter()
-    domains = set()
+    domains, custom_ops = set(), set()
     for node in model.graph.all_nodes():
         ops[node.op_type] += 1
         domains.add(node.domain)
+        if node.domain not in STANDARD_DOMAINS:
+            custom_ops.add(f"{node.domain}.{node.op_type}")
     return {"node_count": sum(ops.values()), "op_histogram": dict(ops.most_common()),
-            "domains": sorted(domains), "opset_imports": dict(model.opset_imports),
+            "domains": sorted(domains), "custom_ops": sorted(custom_ops), "opset_imports": dict(model.opset_imports),
             "functions": len(model.functions)}
 
 
-def require_standard_ops(summary: dict[str, Any]) -> None:
-    """One-line error if the graph left the standard ONNX domain or kept control flow."""
-    custom = [d for d in summary["domains"] if d not in STANDARD_DOMAINS]
+def require_expected_ops(summary: dict[str, Any], settings: ExportSettings) -> None:
+    """One-line error if the graph kept control flow or functions, or holds an op outside the standard domain
+    other than the com.microsoft LinearAttention that --linear-attention contrib asked for."""
+    from wdmctl.export.linear_attention import OP_TYPE, OPS
+
+    allowed = {f"{OPS['contrib'][0]}.{OP_TYPE}"} if settings.linear_attention == "contrib" else set()
+    custom = [op for op in summary["custom_ops"] if op not in allowed]
     loops = sorted(CONTROL_FLOW_OPS & set(summary["op_histogram"]))
     if custom or loops or summary["functions"]:
-        raise WdmError(f"the exported graph is not plain ONNX (custom domains {custom}, control flow {loops}, "
-                       f"{summary['functions']} functions); ONNX Runtime or TensorRT may not run it")
+        raise WdmError(f"the exported graph holds unexpected ops (outside the standard domain {custom}, control "
+                       f"flow {loops}, {summary['functions']} functions); ONNX Runtime or TensorRT may not run it")
 
 
 def weight_bytes(model) -> int:
@@ -357,17 +422,19 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
     tolerances = tolerances or TOLERANCES[settings.dtype]
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-", suffix=".partial"))
     try:
-        module = prepare_for_export(model, settings.dtype, settings.scan, settings.chunk_size)
-        log(f"exporting {type(model).__name__} ({settings.scan} scan, {settings.dtype}, batch {batch}, "
+        module = prepare_for_export(model, settings.dtype, settings.scan_form, settings.chunk_size,
+                                    settings.scan_dtype)
+        log(f"exporting {type(model).__name__} ({describe_scan(settings)}, {settings.dtype}, batch {batch}, "
             f"{config.in_channels}x{settings.resolution}x{settings.resolution}, opset {settings.opset})")
         started = time.perf_counter()
         graph, exporter, note = trace_to_onnx(module, example_inputs(config, settings.resolution, batch), names,
                                               settings, staging, log)
         del module
         simplify(graph)
+        scan = _place_scan_ops(graph, settings)
         export_seconds = time.perf_counter() - started
         summary = graph_summary(graph)
-        require_standard_ops(summary)
+        require_expected_ops(summary, settings)
         files = save_onnx(graph, staging / ONNX_FILE)
         del graph
         check_onnx(staging / ONNX_FILE)
@@ -393,6 +460,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
             "onnx": {"file": ONNX_FILE, **_file_hashes(staging, files), "exporter": exporter,
                      "exporter_note": note, "opset": settings.opset, "export_seconds": round(export_seconds, 2),
                      **summary},
+            "scan": scan,
+            "runtime": {"onnxruntime": runtime_record(settings)},
             "precision": {"graph": settings.dtype, "io": "float32 (class_labels int64)",
                           "fp32_islands": ["A_log/D/dt bias", "softplus", "selective scan", "RMSNorm",
                                            "timestep sinusoid"]},
@@ -407,6 +476,45 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
     log(f"wrote {out_dir / ONNX_FILE} ({exporter} exporter, {summary['node_count']} nodes, "
         f"{export_seconds:.1f} s) and {out_dir / MANIFEST_FILE}")
     return manifest
+
+
+def describe_scan(settings: ExportSettings) -> str:
+    if settings.scan_form == "linear-attention":
+        return f"scan as {settings.linear_attention} LinearAttention in {settings.scan_dtype}"
+    if settings.scan_form == "unrolled":
+        return f"unrolled scan, chunks of {settings.chunk_size}"
+    return "sequential scan"
+
+
+def _place_scan_ops(graph, settings: ExportSettings) -> dict[str, Any]:
+    """Put the LinearAttention nodes in their domain (linear-attention form); the manifest's `scan` entry."""
+    from wdmctl.export.linear_attention import ATTRIBUTES, OP_TYPE, OPS, place_linear_attention
+
+    entry: dict[str, Any] = {"form": settings.scan_form}
+    if settings.scan_form == "unrolled":
+        entry["chunk_size"] = settings.chunk_size
+    if settings.scan_form != "linear-attention":
+        return entry
+    nodes = place_linear_attention(graph, settings.linear_attention)
+    if not nodes:
+        raise WdmError(f"the graph has no {OP_TYPE} node: the model did not scan through wdmctl.scan's interface")
+    domain, version = OPS[settings.linear_attention]
+    entry["linear_attention"] = {"op": settings.linear_attention, "domain": domain or "ai.onnx",
+                                 "version": version, "nodes": nodes, "dtype": settings.scan_dtype, **ATTRIBUTES,
+                                 "mapping": "heads = d_inner, d_k = N, d_v = 1; query = C, key = B (per channel), "
+                                            "value = delta * u, decay = delta * A"}
+    return entry
+
+
+def runtime_record(settings: ExportSettings) -> dict[str, Any]:
+    """How wdmctl's runtime runs this graph on ONNX Runtime (the manifest's `runtime.onnxruntime`)."""
+    from wdmctl.export.runtime import cuda_provider_options
+
+    static = not settings.dynamic_batch
+    return {"io_binding": "CUDA: inputs and output bound to device tensors",
+            "cuda_graph": static,
+            "cuda_provider_options": cuda_provider_options(0, cuda_graph=static),
+            "cpu_provider_options": {}}
 
 
 def _file_hashes(staging: Path, files: list[str]) -> dict[str, Any]:
@@ -435,13 +543,12 @@ def _io_specs(names: list[str], batch: int, channels: int, settings: ExportSetti
 
 def _verify(onnx_path: Path, model: nn.Module, settings: ExportSettings, batch: int, names: list[str],
             tolerances: Tolerances) -> dict[str, Any]:
-    """ONNX Runtime vs the fp32 PyTorch model (same scan form) at every verification timestep, at the
+    """ONNX Runtime vs the fp32 PyTorch model (REFERENCE_FORMS) at every verification timestep, at the
     graph's batch and, for a dynamic export, at batch 1 too. CUDA when onnxruntime-gpu and a GPU are here."""
-    from wdmctl.export.runtime import import_onnxruntime
+    from wdmctl.export.runtime import default_provider
 
-    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
-    device = torch.device("cuda" if cuda else "cpu")
-    reference = prepare_for_export(model, "fp32", settings.scan, settings.chunk_size).to(device)
+    device = torch.device("cuda" if default_provider() == "CUDAExecutionProvider" else "cpu")
+    reference = prepare_for_export(model, "fp32", REFERENCE_FORMS[settings.scan_form], settings.chunk_size).to(device)
     batches = [batch, 1] if settings.dynamic_batch and batch > 1 else [batch]
     cases = [VerificationCase(b, t, example_inputs(model.config, settings.resolution, b, t, seed=t))
              for b in batches for t in TIMESTEPS]

@@ -1,5 +1,6 @@
-"""Run an exported denoiser: ONNX Runtime (CUDA with I/O binding, or CPU) or a TensorRT engine replayed
-with CUDA graphs, behind the call signature of the PyTorch model.
+"""Run an exported denoiser: ONNX Runtime (CUDA with I/O binding and, for a static batch, ONNX Runtime's
+CUDA graphs; or CPU) or a TensorRT engine replayed with CUDA graphs, behind the call signature of the
+PyTorch model.
 
 `load_exported_denoiser(export_dir, backend, device)` returns `denoise(x, t, y) -> eps` taking and
 returning torch tensors, like `model(x, t, y)`. A static export runs one batch size; the wrapper splits
@@ -21,6 +22,8 @@ from wdmctl.export.manifest import read_manifest, require_intact_onnx
 
 BACKENDS = ("onnx", "trt")
 INSTALL_HINT = 'pip install "wdmctl[export]"'
+# ORT's CUDA EP runs once before it captures; a failure in these first runs is a capture it cannot make
+CAPTURE_RUNS = 2
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 
 
@@ -32,19 +35,38 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def ort_session(onnx_path: Path, device: torch.device, use_tf32: bool = True, stream: torch.cuda.Stream | None = None):
-    """An InferenceSession on the CUDA execution provider for a CUDA `device`, else on the CPU provider.
+def default_provider() -> str:
+    """The provider wdmctl verifies and runs graphs on here: CUDA with onnxruntime-gpu and a GPU, else CPU."""
+    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+    return "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
 
-    `stream`: run ORT's CUDA work on this torch stream, so I/O-bound torch tensors need no extra syncs."""
+
+def cuda_provider_options(device_index: int, cuda_graph: bool = False, use_tf32: bool = True,
+                          stream: torch.cuda.Stream | None = None) -> dict[str, str]:
+    """The CUDA execution provider's options wdmctl runs with (recorded in the manifest as well).
+
+    `cuda_graph`: ORT captures the whole run once and replays it (fixed shapes, every node on the CUDA EP,
+    inputs and outputs bound at fixed addresses). `stream`: without a graph, ORT works on this torch stream,
+    so bound torch tensors need no extra synchronisation."""
+    options = {"device_id": str(device_index), "use_tf32": str(int(use_tf32))}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    elif stream is not None:
+        options["user_compute_stream"] = str(stream.cuda_stream)
+    return options
+
+
+def ort_session(onnx_path: Path, device: torch.device, use_tf32: bool = True, stream: torch.cuda.Stream | None = None,
+                cuda_graph: bool = False):
+    """An InferenceSession on the CUDA execution provider for a CUDA `device` (options from
+    `cuda_provider_options`), else on the CPU provider."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns about every node it leaves on the CPU; errors still surface
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise MissingDependency(f"ONNX Runtime has no CUDA execution provider here (onnxruntime-gpu): {INSTALL_HINT}")
-        cuda = {"device_id": str(device.index or 0), "use_tf32": str(int(use_tf32))}
-        if stream is not None:
-            cuda["user_compute_stream"] = str(stream.cuda_stream)
+        cuda = cuda_provider_options(device.index or 0, cuda_graph, use_tf32, stream)
         providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         provider = "CUDAExecutionProvider"
     else:
@@ -58,27 +80,80 @@ def ort_session(onnx_path: Path, device: torch.device, use_tf32: bool = True, st
 
 class OrtRunner:
     """One ONNX Runtime session. On CUDA, inputs and the output are bound to torch tensors in place
-    (I/O binding): no host round trip per call."""
+    (I/O binding): no host round trip per call.
 
-    def __init__(self, onnx_path: Path, input_names: Sequence[str], device: torch.device):
-        self.device = device
+    `cuda_graph` (CUDA, fixed shapes): ORT captures the run as a CUDA graph and replays it. A graph keeps the
+    addresses it was captured with, so the inputs are copied into buffers bound once, and the output buffer
+    is cloned. Where ORT cannot capture the graph (a node it keeps on the CPU, as shape arithmetic of a
+    dynamic batch is), whether it says so when the session is made or in the first runs, the runner goes on
+    without one and `cuda_graph_note` says why."""
+
+    def __init__(self, onnx_path: Path, input_names: Sequence[str], device: torch.device, cuda_graph: bool = False):
+        self.onnx_path, self.device = Path(onnx_path), device
         self.input_names = list(input_names)
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self.session = ort_session(onnx_path, device, stream=stream)
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.cuda_graph_note: str | None = None
+        self._bound: tuple[Any, list[torch.Tensor], torch.Tensor] | None = None
+        self._runs = 0  # runs of the bound graph so far
+        if self.cuda_graph:
+            try:
+                # ORT runs a captured graph on its own stream; __call__ synchronises torch's stream instead
+                self.session = ort_session(onnx_path, device, cuda_graph=True)
+                return
+            except WdmError as err:
+                self._without_cuda_graph(err)
+                return
+        self.session = self._plain_session()
+
+    def _plain_session(self):
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return ort_session(self.onnx_path, self.device, stream=stream)
+
+    def _without_cuda_graph(self, err: Exception) -> None:
+        self.cuda_graph, self.cuda_graph_note, self._bound = False, f"no CUDA graph: {first_line(err)}", None
+        self.session = self._plain_session()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
             feeds = {name: t.contiguous().numpy() for name, t in zip(self.input_names, inputs)}
             return torch.from_numpy(self.session.run(None, feeds)[0])
-        index = self.device.index or 0
+        if self.cuda_graph:
+            return self._replay(inputs)
         binding = self.session.io_binding()
         inputs = tuple(t.contiguous() for t in inputs)  # kept alive until the run returns
-        for name, tensor in zip(self.input_names, inputs):
-            binding.bind_input(name, "cuda", index, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         out = torch.empty(inputs[0].shape, dtype=torch.float32, device=self.device)
-        binding.bind_output("eps", "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        self._bind(binding, inputs, out)
         self.session.run_with_iobinding(binding)
         return out
+
+    def _bind(self, binding, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        index = self.device.index or 0
+        for name, tensor in zip(self.input_names, inputs):
+            binding.bind_input(name, "cuda", index, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_output("eps", "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+
+    def _replay(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self._bound is None:
+            buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+            out = torch.empty(inputs[0].shape, dtype=torch.float32, device=self.device)
+            binding = self.session.io_binding()
+            self._bind(binding, buffers, out)
+            self._bound, self._runs = (binding, buffers, out), 0
+        binding, buffers, out = self._bound
+        if [tuple(t.shape) for t in inputs] != [tuple(b.shape) for b in buffers]:
+            raise WdmError("an ONNX Runtime CUDA graph replays one input shape; this export's batch is fixed")
+        for buffer, value in zip(buffers, inputs):
+            buffer.copy_(value)
+        torch.cuda.current_stream(self.device).synchronize()  # the copies land before ORT's stream reads them
+        try:
+            self.session.run_with_iobinding(binding)          # returns once ORT's stream is done
+        except Exception as err:
+            if self._runs >= CAPTURE_RUNS:
+                raise
+            self._without_cuda_graph(err)  # ORT could not capture (or replay) this graph: run without one
+            return self(*inputs)
+        self._runs += 1
+        return out.clone()
 
 
 @dataclass
@@ -188,9 +263,11 @@ class ExportedDenoiser:
         return torch.cat(outputs).to(x.dtype)
 
 
-def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | torch.device = "cpu") -> ExportedDenoiser:
+def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | torch.device = "cpu",
+                           cuda_graph: bool = True) -> ExportedDenoiser:
     """The exported denoiser in `export_dir` on `backend` ("onnx" or "trt") and `device`, as a callable
-    `(x, t, y) -> eps` on torch tensors. "trt" needs an engine built for this GPU (`wdmctl export --trt`)."""
+    `(x, t, y) -> eps` on torch tensors. "trt" needs an engine built for this GPU (`wdmctl export --trt`).
+    `cuda_graph`: on CUDA, replay ONNX Runtime's run of a static-batch export as a CUDA graph."""
     if backend not in BACKENDS:
         raise WdmError(f"exported backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     export_dir = Path(export_dir)
@@ -199,7 +276,10 @@ def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | t
     input_names = [spec["name"] for spec in manifest["inputs"]]
     if backend == "onnx":
         require_intact_onnx(export_dir, manifest)
-        runner: Callable[..., torch.Tensor] = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device)
+        # a CUDA graph replays fixed shapes: only a static batch (the wrapper pads and splits to it) has them
+        cuda_graph = cuda_graph and manifest["batch_range"][0] == manifest["batch_range"][1]
+        runner: Callable[..., torch.Tensor] = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device,
+                                                        cuda_graph)
     else:
         from wdmctl.export.tensorrt_build import find_engine
 

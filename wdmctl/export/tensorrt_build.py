@@ -139,16 +139,24 @@ def _serialize_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], 
     return bytes(serialized)
 
 
+def require_standard_ops_graph(scan_form: str | None) -> None:
+    """TensorRT has no LinearAttention: engines are built from the standard-ops forms only."""
+    if scan_form == "linear-attention":
+        raise WdmError("TensorRT cannot build from the linear-attention graph (it has no LinearAttention op); "
+                       "export with --scan-form unrolled")
+
+
 def build_engine(export_dir: str | Path, device: torch.device | str = "cuda",
                  optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL, workspace_gib: float | None = None,
                  rebuild: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build (or find in the cache) the engine of `export_dir`'s ONNX graph for this GPU; record it in the
     manifest and return its entry."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    require_standard_ops_graph(manifest["settings"].get("scan_form"))
     trt = require_tensorrt()
     if not torch.cuda.is_available():
         raise WdmError("TensorRT builds engines on a CUDA GPU, and none is visible")
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
     onnx_path = export_dir / manifest["onnx"]["file"]
     gpu = gpu_identity(device)
     shapes = profile_shapes(manifest)

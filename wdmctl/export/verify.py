@@ -31,10 +31,11 @@ class Tolerances:
 
 
 # fp32: exporter and runtime differ only by operation order (measured ~1e-6 at WDM-B/2); fp16/bf16: the
-# rounding of weights and activations (10 and 7 mantissa bits) against the fp32 model
+# rounding of weights and activations (10 and 7 mantissa bits) against the fp32 model. The rel-L2 bounds of
+# fp32 and fp16 are issue 17's parity targets (measured at WDM-B/2 on the H200, fp16: 1.2e-3).
 TOLERANCES = {
-    "fp32": Tolerances(max_abs=1e-3, rel_l2=1e-4),
-    "fp16": Tolerances(max_abs=5e-2, rel_l2=1e-2),
+    "fp32": Tolerances(max_abs=1e-3, rel_l2=1e-5),
+    "fp16": Tolerances(max_abs=5e-2, rel_l2=2e-3),
     "bf16": Tolerances(max_abs=2.5e-1, rel_l2=5e-2),
 }
 

@@ -4,11 +4,12 @@ Two forms of the same recurrence:
 
 * `selective_scan_sequential`: one state update per token, with a hand-written backward (the fastest
   form on CPUs for short sequences).
-* `selective_scan_chunked`: tokens in chunks of T. Inside a chunk the outputs come from a (T x T)
-  lower-triangular decay matrix, across chunks a state of shape (batch, d_inner, N) is carried.
-  Every exponent is a sum of delta*A over a stretch of tokens, so it is <= 0 and `exp` cannot
-  overflow in any dtype (the tempting exp(S_i) * exp(-S_j) factorisation overflows once
-  sum(delta*|A|) passes ~88 in fp32). Python loops over chunks unroll under export: no Loop/Scan ops.
+* `selective_scan_chunked`: tokens in chunks of T, all chunks at once. Inside a chunk the outputs come
+  from a (T x T) lower-triangular decay matrix, across chunks from a (chunks x chunks) one over the
+  chunk-end states (mamba-ssm's ssd_minimal, for Mamba-1's per-channel, per-state decay). Every
+  exponent is a sum of delta*A over a stretch of tokens, so it is <= 0 and `exp` cannot overflow in
+  any dtype (the tempting exp(S_i) * exp(-S_j) factorisation overflows once sum(delta*|A|) passes ~88
+  in fp32). No Python loop over tokens or chunks: an export holds a fixed number of ops per scan.
 
 Both compute in fp32 and return u's dtype, like mamba-ssm.
 """
@@ -118,32 +119,56 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            reverse=False, chunk_size: int | None = None, **_):
-    """Chunked, overflow-free form of the same recurrence (see the module docstring)."""
+    """Chunked, overflow-free form of the same recurrence, every chunk at once (see the module docstring).
+
+    With a_t = delta_t * A <= 0 and x_t = delta_t u_t B_t, tokens are cut into chunks of T (the end padded
+    with delta = 0: decay 1, input 0, so no earlier output changes). Per chunk, with S the inclusive cumsum
+    of a inside the chunk:
+      own-token states  h_i = sum_{j<=i} exp(S_i - S_j) x_j    a (T x T) lower-triangular decay matrix
+      carried state     the state entering chunk k, from the chunk-end states through a (chunks x chunks)
+                        decay matrix built from ssd_minimal's masked cumsum (sums over a stretch of chunks,
+                        not differences of whole-sequence sums, which cancel in fp32)
+      outputs           y_i = <C_i, h_i + exp(S_i) h_in>
+    Every exponent is a sum of a's (<= 0; the masked entries are -inf), so `exp` cannot overflow in any
+    dtype, and there is no per-chunk Python loop: an export is a fixed ~40 ops per scan, whatever L/T."""
     out_dtype = u.dtype
-    T = int(chunk_size or DEFAULT_CHUNK_SIZE)
     uf, dt, Af, Bf, Cf, z = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     batch, d_inner, length = uf.shape
-    n = Af.shape[1]
-    h = uf.new_zeros(batch, d_inner, n)
-    ys = []
-    for start in range(0, length, T):
-        stop = min(start + T, length)
-        size = stop - start
-        a = dt[:, :, start:stop, None] * Af[:, None, :]                  # (b, d, t, n), <= 0
-        x = (dt[:, :, start:stop] * uf[:, :, start:stop])[..., None] * Bf[:, None, :, start:stop].transpose(-1, -2)
-        c = Cf[:, :, start:stop].transpose(-1, -2)                       # (b, t, n)
-        s = torch.cumsum(a, dim=2)                                       # S_i, inclusive
-        # decay from token j to token i (j <= i): exp(S_i - S_j); masked entries get -inf before exp
-        seg = s[:, :, :, None, :] - s[:, :, None, :, :]                  # (b, d, i, j, n)
-        causal = torch.ones(size, size, dtype=torch.bool, device=uf.device).tril()
-        seg = torch.where(causal[:, :, None], seg.clamp(max=0.0), float("-inf"))
-        y_intra = torch.einsum("bin,bdijn,bdjn->bdi", c, torch.exp(seg), x)
-        y_state = torch.einsum("bin,bdin,bdn->bdi", c, torch.exp(s), h)
-        ys.append(y_intra + y_state)
-        last = s[:, :, -1:, :]                                           # (b, d, 1, n)
-        h = torch.exp(last[:, :, 0]) * h + (torch.exp((last - s).clamp(max=0.0)) * x).sum(2)
-    y = torch.cat(ys, dim=-1)
+    T = max(1, min(int(chunk_size or DEFAULT_CHUNK_SIZE), length))
+    chunks = -(-length // T)
+    pad = chunks * T - length
+
+    def by_chunk(v):  # (b, k, L) -> (b, k, chunks, T)
+        return F.pad(v, (0, pad)).reshape(v.shape[0], v.shape[1], chunks, T)
+
+    dtc, uc = by_chunk(dt), by_chunk(uf)
+    a = dtc[:, :, :, None, :] * Af[:, None, :, None]                     # (b, d, c, n, t), <= 0
+    x = (dtc * uc)[:, :, :, None, :] * by_chunk(Bf).transpose(1, 2)[:, None]  # (b, d, c, n, t)
+    s = torch.cumsum(a, dim=-1)                                          # S_i, inclusive; non-increasing
+    causal = torch.ones(T, T, dtype=torch.bool, device=uf.device).tril()
+    # S_i - S_j <= 0 exactly for j <= i (a cumsum of non-positive terms never rises, even rounded)
+    decay = torch.exp(torch.where(causal, s[..., :, None] - s[..., None, :], float("-inf")))  # (b, d, c, n, i, j)
+    own = torch.matmul(decay, x[..., None])[..., 0]                      # (b, d, c, n, t)
+    carried = _carried_states(s[..., -1], own[..., -1])                  # (b, d, c, n)
+    states = own + torch.exp(s) * carried[..., None]
+    y = (states * by_chunk(Cf).transpose(1, 2)[:, None]).sum(3)          # (b, d, c, t)
+    y = y.reshape(batch, d_inner, chunks * T)[..., :length]
     return _finish(y, uf, D, z, out_dtype, reverse)
+
+
+def _carried_states(chunk_decay, chunk_state):
+    """The state entering each chunk. chunk_decay g_k: the log-decay across chunk k (b, d, c, n);
+    chunk_state: chunk k's end state from its own tokens. The state at the end of chunk i is
+    sum_{m<=i} exp(g_{m+1} + ... + g_i) chunk_state_m; chunk k starts from the one at the end of k-1."""
+    chunks = chunk_decay.shape[2]
+    g = chunk_decay.permute(0, 1, 3, 2)                                  # (b, d, n, c)
+    strictly_lower = torch.ones(chunks, chunks, dtype=torch.bool, device=g.device).tril(-1)
+    # [i, m] = g_{m+1} + ... + g_i: a masked cumsum over i of g_i repeated along m (ssd_minimal's segsum)
+    stretch = torch.cumsum(torch.where(strictly_lower, g[..., :, None], 0.0), dim=-2)
+    lower = torch.ones(chunks, chunks, dtype=torch.bool, device=g.device).tril()
+    decay = torch.exp(torch.where(lower, stretch, float("-inf")))       # (b, d, n, i, m)
+    ends = torch.matmul(decay, chunk_state.permute(0, 1, 3, 2)[..., None])[..., 0]  # (b, d, n, c)
+    return F.pad(ends[..., :-1], (1, 0)).permute(0, 1, 3, 2)             # shifted by one chunk
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None, reverse=False):
