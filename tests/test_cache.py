@@ -431,3 +431,14 @@ def test_verify_names_bad_shards_and_a_rerun_encodes_only_those(tmp_path, capsys
     assert {name: (out / name).read_bytes() for name in intact} == intact
     assert run_cli(["cache", "verify", str(out)], capsys)[0] == 0
     assert len(LatentDataset(out)) == 1797
+
+
+def test_encoder_precision_takes_the_one_vocabulary(tmp_path):
+    from wdmctl.data.cache import build_cache
+    from wdmctl.errors import WdmError
+
+    with pytest.raises(WdmError, match="--dtype must be one of fp32, bf16, fp16, not 'float32'"):
+        build_cache("digits", tmp_path / "c", resolution=8, vae="none", dtype="float32")
+    build_cache("digits", tmp_path / "c", resolution=8, vae="none", dtype="fp32")
+    # the manifest keeps torch's name, as caches built before the one vocabulary did (so they still match)
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["build"]["encode_dtype"] == "float32"

@@ -694,8 +694,9 @@ def test_missing_model_folder(tmp_path, capsys):
 
 def test_missing_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    err = one_line_error(["export", "--run", str(tmp_path / "runs" / "nope")], capsys)
-    assert "nope" in err
+    missing = tmp_path / "runs" / "nope"
+    err = one_line_error(["export", "--run", str(missing)], capsys)
+    assert err == f"error: run {str(missing)!r} not found (neither a folder nor a run under runs/)"
 
 
 def test_unwritable_out_dir(saved_conditional, tmp_path, capsys):

@@ -6,6 +6,7 @@ Library imports are inside the commands: they pull in torch, and `wdmctl --help`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -322,3 +323,22 @@ def bench_denoiser(
                           resolution=resolution, dtype=dtype, linear_attention=linear_attention, steps=steps,
                           warmup=warmup, iters=iters, work_dir=work_dir, device=device, **chosen)
     typer.echo(run_denoiser_bench(bench, out))
+
+
+@bench_app.command("cache")
+def bench_cache(
+    out: Path = typer.Option(None, "--out", help="Write the JSON here too."),
+    taef2: Path = typer.Option(None, "--taef2", help="TAEF2 weights folder (random weights when omitted)."),
+    resolution: int = typer.Option(256, min=8, max=4096, help="Image side."),
+    batch_size: int = typer.Option(64, min=1, max=4096, help="Images per batch."),
+    dtype: str = typer.Option("bf16", help=f"Encoder precision: {', '.join(PRECISIONS)}."),
+    iters: int = typer.Option(10, min=1, max=1000, help="Timed iterations (median reported)."),
+) -> None:
+    """Encoding throughput (images/s) of an SD-VAE-sized AutoencoderKL and of TAEF2."""
+    from wdmctl.bench.cache import benchmark_encode
+    from wdmctl.core.precision import torch_dtype
+    from wdmctl.core.device import write_json
+
+    payload = benchmark_encode(str(taef2) if taef2 else None, resolution, batch_size,
+                               torch_dtype(dtype, "--dtype"), warmup=min(3, iters), iters=iters)
+    typer.echo(write_json(out, payload))

@@ -1,6 +1,6 @@
 """`wdmctl cache SRC --out DIR`: encode an image dataset into the latent cache training reads;
-`wdmctl cache verify DIR`: check every shard against the manifest; `wdmctl bench cache`: encoder throughput.
-Parsing and printing only; the work is in wdmctl.data.cache and wdmctl.bench.cache."""
+`wdmctl cache verify DIR`: check every shard against the manifest.
+Parsing and printing only; the work is in wdmctl.data.cache."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from wdmctl.cli.app import app
-from wdmctl.cli.bench import bench_app
+from wdmctl.core.precision import PRECISIONS
 
 
 class _BuildUnlessSubcommand(TyperGroup):
@@ -38,11 +38,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class Precision(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
 @cache_app.command("build")
 def cache(
     src: str = typer.Argument(..., help="Image folder (one sub-folder per class gives labels), a .tar/.tar.gz/.zip "
@@ -52,7 +47,7 @@ def cache(
     # autoencoder
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="Hub id or local folder of a diffusers "
                             "AutoencoderKL, `taef2:DIR`, or `none` to keep pixels."),
-    dtype: Precision = typer.Option(Precision.float32, help="Precision the autoencoder encodes in."),
+    dtype: str = typer.Option("fp32", help=f"Precision the autoencoder encodes in: {', '.join(PRECISIONS)}."),
     # what is stored
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Also store each image's horizontal flip."),
     shard_size: int = typer.Option(1000, min=1, max=1_000_000, help="Images per shard file (the unit of resume)."),
@@ -70,7 +65,7 @@ def cache(
     with _RichProgress(enabled=main_process) as progress:
         summary = build_cache(src, out, resolution, vae=vae, batch_size=batch_size, flip=flip,
                               shard_size=shard_size, overwrite=overwrite, device=device.value,
-                              dtype=dtype.value, workers=workers, progress=progress)
+                              dtype=dtype, workers=workers, progress=progress)
     if not main_process:
         return
     console = Console(soft_wrap=True)  # the summary: one line per fact, never wrapped mid-path
@@ -138,23 +133,3 @@ class _RichProgress:
 
     def advance(self, images: int) -> None:
         self._progress.advance(self._task, images)
-
-
-@bench_app.command("cache")
-def bench_cache(
-    out: Path = typer.Option(None, "--out", help="Write the JSON here too."),
-    taef2: Path = typer.Option(None, "--taef2", help="TAEF2 weights folder (random weights when omitted)."),
-    resolution: int = typer.Option(256, min=8, max=4096, help="Image side."),
-    batch_size: int = typer.Option(64, min=1, max=4096, help="Images per batch."),
-    dtype: Precision = typer.Option(Precision.bfloat16, help="Encoder precision."),
-    iters: int = typer.Option(10, min=1, max=1000, help="Timed iterations (median reported)."),
-) -> None:
-    """Encoding throughput (images/s) of an SD-VAE-sized AutoencoderKL and of TAEF2."""
-    import torch
-
-    from wdmctl.bench.cache import benchmark_encode
-    from wdmctl.core.device import write_json
-
-    payload = benchmark_encode(str(taef2) if taef2 else None, resolution, batch_size,
-                               getattr(torch, dtype.value), warmup=min(3, iters), iters=iters)
-    typer.echo(write_json(out, payload))

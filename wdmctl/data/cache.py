@@ -44,6 +44,7 @@ from wdmctl.core.version import __version__
 from wdmctl.data.cache_integrity import recorded, recorded_shards, require_intact_shards, shard_record, verify_shards
 from wdmctl.models.autoencoders import DEFAULT_AUTOENCODER, load_autoencoder
 from wdmctl.data.sources import center_crop_resize, open_source
+from wdmctl.core.precision import torch_dtype
 from wdmctl.errors import WdmError
 
 MANIFEST = "manifest.json"
@@ -51,7 +52,6 @@ FORMAT = "wdmctl-latent-cache"
 FORMAT_VERSION = 1
 CROP_METHOD = "adm-center-crop (RGB; box-halve while >= 2x the resolution; bicubic short side; center crop)"
 STORED_TENSORS = {"kl": ("mean", "std"), "taef2": ("latent",), "none": ("pixels",)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def shard_name(shard: int) -> str:
@@ -366,7 +366,7 @@ def _shard_records(out: Path, num_shards: int, build_hash: str) -> list[dict[str
 
 def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_AUTOENCODER,
                 batch_size: int = 64, flip: bool = True, shard_size: int = 1000, overwrite: bool = False,
-                device: str = "cpu", dtype: str = "float32", workers: int | None = None,
+                device: str = "cpu", dtype: str = "fp32", workers: int | None = None,
                 progress: CacheProgress | None = None) -> CacheSummary:
     """Encode every readable image of SRC (and its horizontal flip) into a sharded cache in `out`.
 
@@ -376,16 +376,16 @@ def build_cache(src: str, out: str | Path, resolution: int, vae: str = DEFAULT_A
     """
     if resolution < 1 or batch_size < 1 or shard_size < 1:
         raise WdmError("--resolution, --batch-size and --shard-size must be positive")
-    if dtype not in DTYPES:
-        raise WdmError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    encode_dtype = torch_dtype(dtype, "--dtype")
     out = Path(out)
     process = _current_process(device)
     source = open_source(src)
     if len(source) == 0:
         raise WdmError(f"{src}: no images found (looked for .png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .ppm)")
-    autoencoder = load_autoencoder(vae, _resolve_device(device, process), DTYPES[dtype])
+    autoencoder = load_autoencoder(vae, _resolve_device(device, process), encode_dtype)
     autoencoder.latent_shape(resolution)  # one-line error when the resolution does not divide
-    build = _build_identity(source, autoencoder, resolution, flip, shard_size, dtype)
+    # the identity keeps torch's name ("float32"), which caches built before the one vocabulary recorded
+    build = _build_identity(source, autoencoder, resolution, flip, shard_size, str(encode_dtype).removeprefix("torch."))
     build_hash = _build_hash(build)
     _prepare_out(out, build, overwrite, process)
     previous = recorded_shards(out / MANIFEST)  # size + sha256 of the shards a finished build of these settings wrote
