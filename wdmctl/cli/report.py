@@ -17,8 +17,10 @@ def report_command(
                                                                   "fid-time.png and report.md."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
 ) -> None:
-    """Loss and FID curves of one or more runs (FID against images seen and against training time), and a
-    markdown table. FID curves need `[fid] every` in the runs' recipes.
+    """Loss and FID curves of one or more runs, and a markdown table.
+
+    FID is drawn against images seen and against training time; FID curves need fid.every set in the runs'
+    recipes (FID during training).
 
     Examples:
 
