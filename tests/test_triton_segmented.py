@@ -50,6 +50,21 @@ def test_auto_never_picks_segmented():
     assert seg.is_available is BACKENDS["triton"].is_available and seg.reads_column_order
 
 
+def test_bench_scan_times_segmented_per_count_beside_triton():
+    # `bench scan --backends triton,triton-segmented --segments default,4`: which rows, and the ratio table
+    from wdmctl.bench.scan import _segmented_speedups, _variants
+
+    assert _variants("triton-segmented", ("model",), (None, 4)) == [("model", None), ("model", 4)]
+    assert _variants("triton", ("model", "contiguous"), (None, 4)) == [("model", None), ("contiguous", None)]
+    assert _variants("torch", ("model", "contiguous"), (4,)) == [("model", None)]
+    shape = dict(batch=8, d_inner=1536, length=258, layout="model")
+    rows = [dict(shape, backend="triton", forward_ms=1.0, forward_backward_ms=3.0),
+            dict(shape, backend="triton-segmented", segments=4, forward_ms=0.5, forward_backward_ms=2.5),
+            dict(shape, backend="triton-segmented", segments=8, skipped="out of memory")]
+    assert _segmented_speedups(rows) == [dict(shape="8x1536x258", layout="model", segments=4, forward_x=2.0,
+                                              forward_backward_x=1.2)]
+
+
 CASES = [  # (L, S, reverse, layout, dtype): S = 1, 2, 3 and S not dividing L (7 / 3, 33 / 4, 33 / 5)
     (1, 1, False, "model", torch.float32), (1, 3, True, "model", torch.float32),
     (7, 2, False, "contiguous", torch.float32), (7, 3, True, "model", torch.float32),
