@@ -61,12 +61,12 @@ try:
     import triton.language as tl
 
     from wdmctl.scan import triton as triton_backend
-    from wdmctl.scan.triton import common, conv, custom_ops, launch, scan
+    from wdmctl.scan.triton import common, conv, custom_ops, launch, scan, segmented, segmented_kernels
 
     if not CUDA and not common.INTERPRET:  # imported earlier in this process without the interpreter
-        for module in (common, launch, scan, conv, custom_ops, triton_backend):
+        for module in (common, launch, scan, conv, custom_ops, segmented_kernels, segmented, triton_backend):
             importlib.reload(module)
-    ts = _Modules(triton_backend, custom_ops, scan, conv, launch, common)
+    ts = _Modules(triton_backend, custom_ops, segmented, scan, conv, launch, common)
 except ImportError:  # triton is not installed (the CPU venv): every test here skips
     triton = tl = ts = None
 

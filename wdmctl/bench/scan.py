@@ -78,11 +78,11 @@ def time_per_call(fn, calls: int = 5, groups: int = 10, warmup: int = 3) -> floa
     return times[len(times) // 2]
 
 
-def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
-    """Median forward and forward+backward ms of one backend on inputs x. The backward is
-    torch.autograd.grad with respect to the inputs as given: no gradient accumulation into leaves, no copies
-    into the leaves' layouts, only what the scan itself costs."""
-    opts = dict(delta_softplus=True, backend=backend)
+def _time_scan(x: dict, backend: str, iters: int, **options) -> dict[str, float]:
+    """Median forward and forward+backward ms of one backend on inputs x (`options` go to the backend:
+    triton-segmented's `segments`). The backward is torch.autograd.grad with respect to the inputs as given:
+    no gradient accumulation into leaves, no copies into the leaves' layouts, only what the scan itself costs."""
+    opts = dict(delta_softplus=True, backend=backend, **options)
     with torch.no_grad():
         fwd = time_per_call(lambda: selective_scan(**x, **opts), groups=iters)
     leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
@@ -97,9 +97,12 @@ def _time_scan(x: dict, backend: str, iters: int) -> dict[str, float]:
 
 
 def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 10,
-                   backends=("torch", "mamba_ssm", "triton"), profile: bool = True) -> dict[str, Any]:
+                   backends=("torch", "mamba_ssm", "triton"), profile: bool = True, layouts=LAYOUTS,
+                   segments=(None,), convs: bool = True) -> dict[str, Any]:
     """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
-    triton backend, where its time goes (per-kernel profile)."""
+    triton backend, where its time goes (per-kernel profile). triton-segmented is timed once per entry of
+    `segments` (None: its default count; the row says which S ran); `convs=False` leaves out the conv1d and
+    2-D conv tables."""
     usable = available_backends("cuda")
     esize = torch.empty((), dtype=dtype).element_size()
     rows = []
@@ -108,16 +111,22 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
         for backend in backends:
             if backend not in usable:
                 continue
-            for layout in LAYOUTS if backend != "torch" else ("model",):
+            for layout, count in _variants(backend, layouts, segments):
                 row = dict(backend=backend, layout=layout, batch=batch, d_inner=d, length=length, d_state=n,
                            dtype=str(dtype).replace("torch.", ""))
+                options = {}
+                if backend == "triton-segmented":
+                    from wdmctl.scan.triton.segmented import segment_count  # triton: heavy, optional
+
+                    row["segments"] = segment_count(batch, d, length, count)
+                    options["segments"] = row["segments"]
                 if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
                     row["skipped"] = "too slow and too big for the chunked PyTorch scan at this size"
                     rows.append(row)
                     continue
                 x = scan_inputs(batch, d, length, n, dtype, layout)
                 try:
-                    row.update(_time_scan(x, backend, iters if backend != "torch" else 3))
+                    row.update(_time_scan(x, backend, iters if backend != "torch" else 3, **options))
                 except torch.OutOfMemoryError:
                     row["skipped"] = "out of memory"
                     torch.cuda.empty_cache()
@@ -128,6 +137,8 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                 rows.append(row)
                 del x
     payload: dict[str, Any] = {"benchmark": "selective_scan", "rows": rows, "speedup_vs_mamba_ssm": _speedups(rows)}
+    if "triton-segmented" in backends:
+        payload["segmented_vs_triton"] = _segmented_speedups(rows)
     if "triton" in usable:
         from wdmctl.scan.triton.launch import tuned_configs  # here: triton is a heavy, optional dependency
 
@@ -145,9 +156,34 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                     torch.autograd.grad(out, list(leaves.values()), dy)
 
                 payload["triton_profile"][f"{batch}x{d}x{length}"] = profile_kernels(step)[:12]  # the 12 slowest kernels
-    payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
-    payload["conv2d"] = benchmark_grid_conv(shapes, dtype=dtype, iters=iters)
+    if convs:
+        payload["conv1d"] = benchmark_conv(shapes, dtype=dtype, iters=iters)
+        payload["conv2d"] = benchmark_grid_conv(shapes, dtype=dtype, iters=iters)
     return payload
+
+
+def _variants(backend: str, layouts, segments) -> list[tuple[str, int | None]]:
+    """(layout, segment count) pairs to time for a backend: torch in the model's layout only, triton-segmented
+    once per segment count (None: its default), the others once per layout."""
+    layouts = layouts if backend != "torch" else ("model",)
+    counts = segments if backend == "triton-segmented" else (None,)
+    return [(layout, count) for layout in layouts for count in counts]
+
+
+def _segmented_speedups(rows: list[dict]) -> list[dict]:
+    """triton-segmented vs triton per shape, layout and segment count: triton's ms / segmented's (> 1: faster)."""
+    plain = {(r["batch"], r["d_inner"], r["length"], r["layout"]): r for r in rows
+             if r["backend"] == "triton" and "forward_ms" in r}
+    out = []
+    for row in rows:
+        base = plain.get((row["batch"], row["d_inner"], row["length"], row["layout"]))
+        if row["backend"] != "triton-segmented" or "forward_ms" not in row or base is None:
+            continue
+        out.append({"shape": f"{row['batch']}x{row['d_inner']}x{row['length']}", "layout": row["layout"],
+                    "segments": row["segments"],
+                    "forward_x": round(base["forward_ms"] / row["forward_ms"], 2),
+                    "forward_backward_x": round(base["forward_backward_ms"] / row["forward_backward_ms"], 2)})
+    return out
 
 
 def _speedups(rows: list[dict]) -> list[dict]:

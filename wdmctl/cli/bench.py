@@ -252,10 +252,16 @@ def bench_scan(
     backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
     iters: int = typer.Option(10, min=1, help="Timed groups of 5 back-to-back calls (median per call reported)."),
     profile: bool = typer.Option(True, help="Add a per-kernel GPU-time profile of the triton backend."),
+    layouts: str = typer.Option("model,contiguous", help="Input layouts: model (the mixer's strided views), "
+                                "contiguous ((batch, d, L) copies)."),
+    segments: str = typer.Option("default", help="Segment counts to time triton-segmented with (comma-separated; "
+                                 "`default`: its own choice)."),
+    convs: bool = typer.Option(True, help="Time the causal conv1d and the 2-D conv beside the scan."),
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
     """Scan forward and forward+backward ms and GB/s of essential traffic (z gating, softplus, D skip),
-    every backend in one run; causal conv1d + SiLU beside it."""
+    every backend in one run (triton-segmented beside triton: `segmented_vs_triton`); causal conv1d + SiLU
+    beside it."""
     from wdmctl.bench.scan import benchmark_scan
     from wdmctl.core.device import write_json
     from wdmctl.core.precision import torch_dtype
@@ -269,8 +275,19 @@ def bench_scan(
         parsed = []
     if not parsed or any(len(s) != 3 or min(s) < 1 for s in parsed):
         raise WdmError(f"--shapes must look like 64x3072x258[,...], not {shapes!r}")
+    from wdmctl.bench.scan import LAYOUTS
+
+    wanted_layouts = tuple(_words(layouts))
+    if not wanted_layouts or any(v not in LAYOUTS for v in wanted_layouts):
+        raise WdmError(f"--layouts takes {', '.join(LAYOUTS)}, not {layouts!r}")
+    try:
+        counts = tuple(None if v == "default" else int(v) for v in _words(segments))
+    except ValueError:
+        counts = ()
+    if not counts or any(c is not None and c < 1 for c in counts):
+        raise WdmError(f"--segments takes positive counts or `default`, not {segments!r}")
     payload = benchmark_scan(parsed, n=d_state, dtype=dtype, iters=iters, backends=tuple(_words(backends)),
-                             profile=profile)
+                             profile=profile, layouts=wanted_layouts, segments=counts, convs=convs)
     typer.echo(write_json(out, payload))
 
 
