@@ -7,6 +7,7 @@
 # DPM-Solver++ steps, cfg 1, bf16).
 #
 #   scripts/gpu-ablation.sh train WORK DATA STEPS SEED ARM...   # start the arms in the background (setsid)
+#       EXTRA_SETS="key=value ..." adds recipe keys to every arm (e.g. FID during training for Table 1)
 #   scripts/gpu-ablation.sh status WORK                         # last log line of each arm
 #   scripts/gpu-ablation.sh score WORK DATA INCEPTION NUM ARM...  # grids + FID-NUM of finished arms
 #
@@ -54,7 +55,7 @@ case $cmd in
     start_mps
     for arm in "$@"; do
       sets=()
-      for kv in $(arm_overrides "$arm"); do sets+=(--set "$kv"); done
+      for kv in $(arm_overrides "$arm") ${EXTRA_SETS:-}; do sets+=(--set "$kv"); done
       setsid nohup python -m wdmctl train recipes/cifar10.toml --runs-dir "$work/runs/$arm" --max-steps "$steps" \
         --set data.cache="\"$work/cache\"" --set data.num_workers=2 --set train.seed="$seed" \
         --set optim.warmup_steps=200 --set optim.lr=4e-4 --set ema.decay=0.999 --set ema.warmup=true \

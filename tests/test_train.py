@@ -88,7 +88,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # End to end
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", ["quickstart", "cifar10", "celebahq", "imagenet256"])
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.toml")))
 def test_every_shipped_recipe_trains_at_tiny_size(recipe, digits_cache, tmp_path):
     result = run_train(RECIPES / f"{recipe}.toml", tmp_path / "runs", tiny(digits_cache))
     assert result.exit_code == 0, result.output
