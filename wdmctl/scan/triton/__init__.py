@@ -38,7 +38,7 @@ from wdmctl.scan.registry import BACKENDS, ScanBackend, register_backend
 from wdmctl.scan.triton.common import INTERPRET
 from wdmctl.scan.triton.conv import _CausalConv1dFn
 from wdmctl.scan.triton.custom_ops import _conv_op, _scan_op
-from wdmctl.scan.triton.scan import _SelectiveScanFn
+from wdmctl.scan.triton.scan import _SelectiveScanFn, scan_arguments
 
 # ----------------------------------------------------------------------------------------------------
 # Entry points: the eager autograd Functions, or the custom ops under torch.compile
@@ -56,10 +56,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     added in the backward."""
     if u.numel() == 0:
         return torch.empty_like(u)
-    A = A.float()
-    D = D.float() if D is not None else None
-    delta_bias = delta_bias.float() if delta_bias is not None else None
-    grid = [int(v) for v in column_grid] if column_grid else []
+    A, D, delta_bias, grid = scan_arguments(A, D, delta_bias, column_grid)
     scan = _scan_op if torch.compiler.is_compiling() else _SelectiveScanFn.apply
     return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid)
 

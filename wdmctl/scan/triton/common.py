@@ -120,6 +120,19 @@ def _memory_index(s, b, BATCH, L, NUM_EXTRA, GRID_W,
 
 
 @triton.jit
+def _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """One token of the forward recurrence (delta already through bias/softplus): the new state h (N, BD) and
+    the output y = <C, h> (+ D u) (* silu(z)). Shared by the plain and the segmented forward kernels."""
+    h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
+    y = tl.sum(h * Ct[:, None], axis=0)
+    if HAS_D:
+        y += Dv * u
+    if HAS_Z:
+        y = y * zt * _sigmoid(zt)
+    return h, y
+
+
+@triton.jit
 def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(delta, d delta / d raw) from the raw input: + delta_bias, then softplus."""
     if HAS_BIAS:

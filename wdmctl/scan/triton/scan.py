@@ -180,3 +180,10 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dy):
         grads = _scan_backward(dy, *ctx.saved_tensors, *ctx.flags, packed=ctx.packed)
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
+
+
+def scan_arguments(A, D, delta_bias, column_grid):
+    """What every entry point hands the kernels: the parameters in fp32 and the column grid as a list of ints
+    (empty for the row-major order)."""
+    return (A.float(), D.float() if D is not None else None, delta_bias.float() if delta_bias is not None else None,
+            [int(v) for v in column_grid] if column_grid else [])

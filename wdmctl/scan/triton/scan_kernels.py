@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from wdmctl.scan.triton.common import (LN2, _delta, _load_step, _memory_index, _program_setup, _sigmoid,
+from wdmctl.scan.triton.common import (LN2, _delta, _forward_step, _load_step, _memory_index, _program_setup, _sigmoid,
                                        _store_channel_sum)
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,12 +55,7 @@ def _scan_fwd_kernel(
                                                         HAS_Z, False, False, NP)
 
         dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
-        h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
-        y = tl.sum(h * Ct[:, None], axis=0)
-        if HAS_D:
-            y += Dv * u
-        if HAS_Z:
-            y = y * zt * _sigmoid(zt)
+        h, y = _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D, HAS_Z)
         tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import torch
 import triton
 
 from wdmctl.scan.triton.launch import DEFAULT_SCAN_CONFIG, FWD_CONFIGS, _choose, _launch_options
-from wdmctl.scan.triton.scan import (_bdl, _empty_like_layout, _flags, _key, _order_args, _pack, _scan_backward)
+from wdmctl.scan.triton.scan import (_bdl, _empty_like_layout, _flags, _key, _order_args, _pack, _scan_backward,
+                                     scan_arguments)
 from wdmctl.scan.triton.segmented_kernels import _seg_carry_kernel, _seg_scan_kernel, _seg_state_kernel
 
 # Default segment count: enough channel-segments in flight to fill the GPU (an H200 holds ~270K threads, one
@@ -115,10 +116,7 @@ def selective_scan_segmented(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     backend's custom op (the unsegmented forward): the segmented one has no custom op yet."""
     if u.numel() == 0:
         return torch.empty_like(u)
-    A = A.float()
-    D = D.float() if D is not None else None
-    delta_bias = delta_bias.float() if delta_bias is not None else None
-    grid = [int(v) for v in column_grid] if column_grid else []
+    A, D, delta_bias, grid = scan_arguments(A, D, delta_bias, column_grid)
     if torch.compiler.is_compiling():
         from wdmctl.scan.triton.custom_ops import _scan_op
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from wdmctl.scan.triton.common import _delta, _load_step, _memory_index, _program_setup, _sigmoid
+from wdmctl.scan.triton.common import _delta, _forward_step, _load_step, _memory_index, _program_setup
 from wdmctl.scan.triton.scan_kernels import _CHANNEL_STRIDES
 
 
@@ -120,10 +120,5 @@ def _seg_scan_kernel(
         u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM,
                                                         md, HAS_Z, False, False, NP)
         dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
-        h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
-        y = tl.sum(h * Ct[:, None], axis=0)
-        if HAS_D:
-            y += Dv * u
-        if HAS_Z:
-            y = y * zt * _sigmoid(zt)
+        h, y = _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D, HAS_Z)
         tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
