@@ -33,9 +33,10 @@ from typing import Any, Callable
 import torch
 
 from wdmctl.core.hashing import state_dict_sha256
-from wdmctl.errors import WdmError, first_line
+from wdmctl.errors import MissingDependency, WdmError, first_line
 from wdmctl.export.onnx_export import (ExportSettings, ensure_onnx, example_inputs, prepare_for_export,
                                        source_identity)
+from wdmctl.export.runtime import default_provider
 from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
 # export -> its ExportSettings beyond the bench's own (dtype, batch, chunk size, LinearAttention choice);
@@ -91,11 +92,11 @@ def _models(bench: DenoiserBench):
 
 
 def _ort_has_cuda() -> bool:
+    """ORT runs graphs on the GPU here (export.runtime's provider choice); False without ONNX Runtime."""
     try:
-        import onnxruntime
-    except ImportError:
+        return default_provider() == "CUDAExecutionProvider"
+    except MissingDependency:
         return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _sync(device: torch.device) -> None:

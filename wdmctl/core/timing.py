@@ -33,18 +33,6 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def peak_memory_gib(fn: Callable[[], Any]) -> float | None:
-    """Peak CUDA memory allocated while running fn() once, in GiB (None on CPU)."""
-    if not torch.cuda.is_available():
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
-
 class PeakMemory:
     """Peak CUDA memory of everything run inside `with PeakMemory() as memory:`, in GiB (None on CPU):
     `allocated` (live tensors) and `reserved` (what the process holds from the GPU: the caching allocator's
@@ -130,3 +118,10 @@ def step_profile(rows: list[dict[str, Any]], wall_ms: float) -> dict[str, Any]:
     return {"wall_ms": round(wall_ms, 3), "gpu_ms": round(gpu_ms, 3),
             "gpu_busy": round(gpu_ms / wall_ms, 3) if wall_ms else None,
             "launches": sum(v["launches"] for v in ordered.values()), "categories": ordered, "top_kernels": rows[:10]}
+
+
+def peak_memory_gib(fn: Callable[[], Any]) -> float | None:
+    """Peak CUDA memory allocated while running fn() once, in GiB (None on CPU)."""
+    with PeakMemory() as memory:
+        fn()
+    return memory.allocated

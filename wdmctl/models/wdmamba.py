@@ -279,7 +279,20 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class UStage(nn.Module):
+class BlockSequence(nn.Module):
+    """What a U and a plain stack share: running a block, through activation checkpointing when enabled."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class UStage(BlockSequence):
     """One U: encoder blocks -> bottleneck -> decoder blocks; decoder block k fuses encoder block
     (depth-1-k)'s output (U-ViT's long skips: concat + Linear(2D -> D))."""
 
@@ -288,12 +301,6 @@ class UStage(nn.Module):
         self.encoder = nn.ModuleList([make_block(first_index + i, False) for i in range(depth)])
         self.bottleneck = make_block(first_index + depth, False)
         self.decoder = nn.ModuleList([make_block(first_index + depth + 1 + i, True) for i in range(depth)])
-        self.gradient_checkpointing = False
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(self, x, modulation, grid):
         skips = []
@@ -306,13 +313,12 @@ class UStage(nn.Module):
         return x
 
 
-class PlainStack(UStage):
+class PlainStack(BlockSequence):
     """DiM's plain stack for the paper's comparison: `depth` blocks one after another, no long skips."""
 
     def __init__(self, make_block, depth: int):
-        nn.Module.__init__(self)
+        super().__init__()
         self.blocks = nn.ModuleList([make_block(i, False) for i in range(depth)])
-        self.gradient_checkpointing = False
 
     def forward(self, x, modulation, grid):
         for block in self.blocks:
