@@ -10,6 +10,7 @@
 #       EXTRA_SETS="key=value ..." adds recipe keys to every arm (e.g. FID during training for Table 1)
 #   scripts/gpu-ablation.sh status WORK                         # last log line of each arm
 #   scripts/gpu-ablation.sh score WORK DATA INCEPTION NUM ARM...  # grids + FID-NUM of finished arms
+#       FID_STEPS=50 samples the FID with 50 steps instead of 20; GRIDS_ONLY=1 draws the grids only
 #
 # WORK holds the cache, the runs (WORK/runs/ARM) and the scores; DATA is the CIFAR-10 train folder or archive.
 set -euo pipefail
@@ -78,12 +79,14 @@ case $cmd in
       local arm=$1 run; run=$(ls -d "$work/runs/$arm"/*/ | sort | tail -n 1)
       python -m wdmctl sample --run "$run" --n 100 --class 0,1,2,3,4,5,6,7,8,9 --steps 50 --batch-size 100 \
         --out "$work/scores/$arm-samples" --overwrite > /dev/null
-      python -m wdmctl fid --run "$run" --num "$num" --steps 20 --cfg 1.0 --batch-size 1000 --precision bf16 \
-        --ref "$ref" --inception "$inception" --json --overwrite > "$work/scores/$arm-fid$num.json"
       cp "$run/stats.jsonl" "$work/scores/$arm-stats.jsonl"
+      [ -n "${GRIDS_ONLY:-}" ] && return 0
+      python -m wdmctl fid --run "$run" --num "$num" --steps "${FID_STEPS:-20}" --cfg 1.0 --batch-size 1000 \
+        --precision bf16 --ref "$ref" --inception "$inception" --json --overwrite > "$work/scores/$arm-fid$num.json"
     }
     for arm in "$@"; do score_arm "$arm" > "$work/logs/score-$arm.log" 2>&1 & done   # side by side, as in training
     wait
+    [ -n "${GRIDS_ONLY:-}" ] && exit 0
     for arm in "$@"; do
       echo "$arm: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['fid'], 2))" "$work/scores/$arm-fid$num.json" 2>/dev/null || tail -n 2 "$work/logs/score-$arm.log")"
     done

@@ -153,3 +153,17 @@ def test_gpu_grid_conv_every_config_and_autocast(monkeypatch):
         check_against_oracle(monkeypatch, "cuda", 3, 2, 9, 7, 70, True, torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         check_against_oracle(monkeypatch, "cuda", 2, 1, 8, 8, 64, False, torch.bfloat16)
+
+
+@interpreted
+def test_environment_switch_turns_the_fused_path_off(monkeypatch):
+    # WDMCTL_FUSED_KERNELS=0 must route an interpret=True call (which would otherwise run the kernel) to PyTorch
+    calls = []
+    real = module.reference_grid_conv_silu
+    monkeypatch.setattr(module, "reference_grid_conv_silu", lambda *a: calls.append(1) or real(*a))
+    x, weight, bias, _ = conv_case(1, 1, 2, 2, 3, False, torch.float32, "cpu")
+    grid_conv_silu(x, weight, bias, (1, 2, 2), interpret=True)
+    assert calls == []
+    monkeypatch.setenv("WDMCTL_FUSED_KERNELS", "0")
+    grid_conv_silu(x, weight, bias, (1, 2, 2), interpret=True)
+    assert calls == [1]

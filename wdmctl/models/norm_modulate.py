@@ -17,6 +17,8 @@ gradient itself as the stream's gradient (the identity needs no copy).
 Both pick the fused path on CUDA tensors when Triton is installed, and the PyTorch expression everywhere
 else: on CPU, during ONNX export (the exporter traces the plain ops), under torch.compile (which fuses them
 itself), and in Triton's interpreter only when `interpret=True` is asked for (the CPU tests).
+`WDMCTL_FUSED_KERNELS=0` in the environment turns the fused path off everywhere (these kernels and the 2-D
+conv's), so a user who suspects them can compare against the PyTorch expression without editing code.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ except ImportError:  # CPU installs without triton: the PyTorch expression is us
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FUSED_ENV = "WDMCTL_FUSED_KERNELS"  # "0" turns the fused elementwise/conv kernels off (not the scan backend)
 MAX_WIDTH = 8192  # the fused kernels hold a token's whole row in one program
 ROWS = 8  # tokens per program: the backward's partial sums for the norm weight, shift and scale are per program
 
@@ -50,6 +53,8 @@ def reference_norm_modulate(x, norm: nn.RMSNorm, shift, scale):
 def use_fused_kernels(x: torch.Tensor, interpret: bool) -> bool:
     """The fused path (here and in grid_conv.py): CUDA tensors with Triton (or the interpreter when asked), not
     in ONNX export or under torch.compile."""
+    if os.environ.get(FUSED_ENV, "1") == "0":
+        return False
     fused = triton is not None and (x.is_cuda and not INTERPRET or interpret and INTERPRET)
     return fused and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
 

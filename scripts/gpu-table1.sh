@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 15's Table 1 on one GPU: WD-Mamba (WDM-S/2, the preset default), U-Mamba (UMamba-S/2, one U), a DiM-style
+# plain stack (DiM-S/2) and U-ViT (UViT-S/2), all ~30M parameters, on CIFAR-10 pixels with the recipe of
+# scripts/gpu-ablation.sh, side by side under CUDA MPS. Seed 0 of every arm measures FID-10K of its EMA weights
+# (20 DPM-Solver++ steps, cfg 1) every STEPS/2 steps during training; WD-Mamba and U-ViT train a second seed too,
+# measured at the end, so the head-to-head claim rests on two seeds. Before the arms start, each preset's
+# training speed is timed alone on the idle GPU (bench train, CUDA graphs, batch 128), which converts images
+# seen into GPU-minutes (the arms share the GPU, so their wall time is not theirs alone).
+#
+#   scripts/gpu-table1.sh start WORK DATA INCEPTION STEPS        # ref stats, solo speeds, arms in the background
+#   scripts/gpu-table1.sh status WORK
+#   scripts/gpu-table1.sh final WORK DATA INCEPTION NUM ARM...   # 10x10 grids of every arm, FID-NUM at 50 steps
+#                                                                # of the seed-0 ARMs listed (none: grids only)
+# WORK/seed0 and WORK/seed1 are scripts/gpu-ablation.sh work folders (WORK/seed1/cache links to seed 0's).
+set -euo pipefail
+here=$(dirname "$0")
+cmd=$1; shift
+case $cmd in
+  start)
+    work=$1 data=$2 inception=$3 steps=$4
+    mkdir -p "$work/seed0" "$work/seed1"
+    ref=$work/seed0/ref-cifar10-train-32.npz   # the name gpu-ablation.sh score looks for
+    [ -f "$ref" ] || python -m wdmctl fid ref "$data" --resolution 32 --out "$ref" --inception "$inception" \
+      --batch-size 500
+    cp "$ref" "$work/seed1/"
+    [ -f "$work/solo-speed.json" ] || timeout 240 python -m wdmctl bench train --presets WDM-S/2,UMamba-S/2,DiM-S/2,UViT-S/2 \
+      --no-uvit --backends triton --batch 128 --resolution 32 --cuda-graphs on --iters 10 \
+      --out "$work/solo-speed.json" || echo "solo speed bench failed: GPU-minutes will be missing"
+    fid="fid.every_num=10000 fid.every_batch_size=1000 fid.steps=20 fid.cfg=1.0 fid.ref=\"$ref\" fid.inception=\"$inception\""
+    EXTRA_SETS="fid.every=$((steps / 2)) $fid" bash "$here/gpu-ablation.sh" train "$work/seed0" "$data" "$steps" 0 \
+      cycle umamba dim uvit
+    ln -sfn "$work/seed0/cache" "$work/seed1/cache"
+    EXTRA_SETS="fid.every=$steps $fid" bash "$here/gpu-ablation.sh" train "$work/seed1" "$data" "$steps" 1 cycle uvit
+    ;;
+  status)
+    work=$1
+    for seed in seed0 seed1; do echo "[$seed]"; bash "$here/gpu-ablation.sh" status "$work/$seed" | grep -v MiB || true; done
+    grep -h '"fid"' "$work"/seed*/runs/*/*/stats.jsonl 2>/dev/null | cut -c1-160 || true
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
+    ;;
+  final)
+    work=$1 data=$2 inception=$3 num=$4; shift 4
+    FID_STEPS=50 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" "$num" "$@" &
+    GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" 0 \
+      $(for a in cycle umamba dim uvit; do [[ " $* " == *" $a "* ]] || echo "$a"; done) &
+    GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed1" "$data" "$inception" 0 cycle uvit &
+    wait
+    ;;
+  *) echo "usage: $0 start|status|final ..." >&2; exit 2 ;;
+esac
