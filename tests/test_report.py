@@ -107,3 +107,47 @@ def test_unique_labels():
     paths = [Path("a/runs/00000-x"), Path("b/runs/00000-x"), Path("c/00001-y")]
     assert unique_labels(paths) == ["a/runs/00000-x", "b/runs/00000-x", "c/00001-y"]
     assert unique_labels([Path("r/00000-x"), Path("r/00001-x")]) == ["00000-x", "00001-x"]
+
+
+def shared_gpu_run(folder: Path, preset: str, images_per_step: int, sec_per_step: float) -> Path:
+    """A run folder as arms sharing a GPU leave it: loss records with their (shared) seconds per step, FIDs."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.toml").write_text(f'[model]\npreset = "{preset}"\n')
+    records = [{"step": s, "images_seen": s * images_per_step, "loss": 1.0 / s, "sec_per_step": sec_per_step}
+               for s in (10, 20)]
+    records += [{"step": 20, "images_seen": 20 * images_per_step, "fid": 50.0, "fid_num": 100}]
+    (folder / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_report_solo_speed_turns_images_into_gpu_minutes(tmp_path):
+    fast = shared_gpu_run(tmp_path / "fast", "UViT-S/2", 600, 9.0)
+    slow = shared_gpu_run(tmp_path / "slow", "WDM-S/2", 600, 9.0)
+    bench = tmp_path / "bench.json"
+    # two rows for WDM-S/2 (e.g. eager and graphed): the fastest counts; rows without a speed are ignored
+    bench.write_text(json.dumps({"results": [
+        {"preset": "WDM-S/2", "images_per_s": 50.0}, {"preset": "WDM-S/2", "images_per_s": 100.0},
+        {"preset": "UViT-S/2", "images_per_s": 200.0}, {"preset": "DiM-S/2", "error": "out of memory"}]}))
+    result = invoke(["report", str(fast), str(slow), "--out", str(tmp_path / "r"), "--solo-speed", str(bench)])
+    assert result.exit_code == 0, result.stderr
+    table = (tmp_path / "r" / "report.md").read_text()
+    # 12,000 images: 1.0 GPU-minute at 200 images/s, 2.0 at 100 images/s, whatever the shared wall time (3 min)
+    assert "GPU min (solo)" in table
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| fast") or
+            line.startswith("| slow")}
+    assert "| 12000 | 1.0 |" in rows["fast"] and "| 12000 | 2.0 |" in rows["slow"]
+    plain = invoke(["report", str(fast), "--out", str(tmp_path / "p")])
+    assert plain.exit_code == 0
+    assert "| 12000 | 3.0 |" in (tmp_path / "p" / "report.md").read_text()
+
+
+def test_report_solo_speed_errors_name_the_problem(tmp_path):
+    run = shared_gpu_run(tmp_path / "run", "DiM-S/2", 10, 1.0)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"results": [{"preset": "WDM-S/2", "images_per_s": 10.0}]}))
+    missing = invoke(["report", str(run), "--out", str(tmp_path / "r"), "--solo-speed", str(bench)])
+    assert missing.exit_code != 0 and "DiM-S/2 has no row" in missing.stderr and "WDM-S/2" in missing.stderr
+    bench.write_text("not json")
+    broken = invoke(["report", str(run), "--out", str(tmp_path / "r"), "--solo-speed", str(bench)])
+    assert broken.exit_code != 0 and "not a `wdmctl bench train --out` JSON" in broken.stderr
+    assert not (tmp_path / "r").exists()  # nothing half-written

@@ -9,6 +9,10 @@ and recipe.toml, and writes, atomically, into the output folder:
     report.md         one row per run: model, steps, images seen, training minutes, last loss, FIDs
 Training time is summed from the loss records' seconds per step, so it needs no clock of its own and is the
 same after a resume.
+
+Runs that shared one GPU (arms side by side under MPS) did not have the GPU to themselves, so their wall time
+is not their GPU time. `solo_speed` names a `wdmctl bench train --out` JSON timed on the idle GPU: each run's
+time axis then becomes GPU-minutes at that solo speed, images seen / (its preset's images/s) / 60.
 """
 
 from __future__ import annotations
@@ -92,6 +96,32 @@ def read_run(path: Path, label: str) -> RunCurves:
     return curves
 
 
+def solo_speeds(path: str | Path) -> dict[str, float]:
+    """Preset -> training images/s from a `wdmctl bench train --out` JSON (the fastest row of each preset)."""
+    try:
+        rows = json.loads(Path(path).read_text()).get("results", [])
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise WdmError(f"{path}: not a `wdmctl bench train --out` JSON ({error})") from None
+    speeds: dict[str, float] = {}
+    for row in rows if isinstance(rows, list) else []:
+        speed = row.get("images_per_s") if isinstance(row, dict) else None
+        if isinstance(speed, (int, float)) and speed > 0 and row.get("preset"):
+            speeds[row["preset"]] = max(float(speed), speeds.get(row["preset"], 0.0))
+    if not speeds:
+        raise WdmError(f"{path} holds no `bench train` rows with images_per_s")
+    return speeds
+
+
+def at_solo_speed(curves: RunCurves, speeds: dict[str, float], source: str | Path) -> None:
+    """Replace the run's training minutes by GPU-minutes at its preset's solo speed."""
+    if curves.model not in speeds:
+        known = ", ".join(sorted(speeds))
+        raise WdmError(f"{curves.label}: its model {curves.model} has no row in {source} (it has {known})")
+    per_minute = speeds[curves.model] * 60
+    curves.minutes = [images / per_minute for images in curves.images_seen]
+    curves.fid_minutes = [images / per_minute for images in curves.fid_images]
+
+
 def unique_labels(paths: list[Path]) -> list[str]:
     """The shortest trailing path of each run that tells it from the others (run folders of different
     experiments often share their own name)."""
@@ -127,12 +157,12 @@ def _figure(plt, series: list[tuple[str, list[float], list[float]]], xlabel: str
         plt.close(fig)
 
 
-def _markdown(runs: list[RunCurves]) -> str:
+def _markdown(runs: list[RunCurves], time_name: str) -> str:
     def number(value, digits=2):
         return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
     fid_name = "FID-" + str(next((r.fid_num for r in runs if r.fid_num), "K"))
-    lines = ["| run | model | steps | images seen | training min | last loss | "
+    lines = [f"| run | model | steps | images seen | {time_name} | last loss | "
              f"{fid_name} best (step) | {fid_name} last |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         best = min(range(len(r.fids)), key=r.fids.__getitem__) if r.fids else None
@@ -144,8 +174,10 @@ def _markdown(runs: list[RunCurves]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(runs: list[str], out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Curves and table of `runs` (run folders or names) into `out`; returns the paths and the table."""
+def write_report(runs: list[str], out: str | Path, overwrite: bool = False,
+                 solo_speed: str | Path | None = None) -> dict[str, Any]:
+    """Curves and table of `runs` (run folders or names) into `out`; returns the paths and the table. With
+    `solo_speed` (a bench train JSON) time is GPU-minutes at each preset's solo speed (module docstring)."""
     plt = matplotlib_pyplot()
     if plt is None:
         raise WdmError("wdmctl report draws with matplotlib, which is not installed: pip install 'wdmctl[plot]'")
@@ -157,6 +189,12 @@ def write_report(runs: list[str], out: str | Path, overwrite: bool = False) -> d
         raise WdmError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
     paths = [Path(find_run(run)) for run in runs]
     curves = [read_run(path, label) for path, label in zip(paths, unique_labels(paths))]
+    time_axis, time_name = "training time (minutes)", "training min"
+    if solo_speed is not None:
+        speeds = solo_speeds(solo_speed)
+        for run_curves in curves:
+            at_solo_speed(run_curves, speeds, solo_speed)
+        time_axis, time_name = "GPU minutes at solo speed (images seen / bench train images/s)", "GPU min (solo)"
     fid_label = "FID-" + str(next((r.fid_num for r in curves if r.fid_num), "K"))
     figures = {
         "loss.png": _figure(plt, [(r.label, r.steps, r.losses) for r in curves], "step", "loss (mean per log interval)",
@@ -164,13 +202,13 @@ def write_report(runs: list[str], out: str | Path, overwrite: bool = False) -> d
         "fid-images.png": _figure(plt, [(r.label, r.fid_images, r.fids) for r in curves if r.fids], "images seen",
                                   fid_label, f"{fid_label} of the EMA weights during training", log_y=True),
         "fid-time.png": _figure(plt, [(r.label, r.fid_minutes, r.fids) for r in curves if r.fids],
-                                "training time (minutes)", fid_label,
+                                time_axis, fid_label,
                                 f"{fid_label} of the EMA weights against training time", log_y=True),
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
         write_bytes_atomic(out / name, png)
-    table = _markdown(curves)
+    table = _markdown(curves, time_name)
     write_text_atomic(out / "report.md", f"# Training report\n\n{table}\n" + "".join(
         f"![{name}]({name})\n" for name in figures))
     return {"out": str(out), "files": [str(out / name) for name in OUTPUTS], "table": table}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -16,6 +16,10 @@ def report_command(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for loss.png, fid-images.png, "
                                                                   "fid-time.png and report.md."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
+    solo_speed: Optional[Path] = typer.Option(
+        None, "--solo-speed", help="A `wdmctl bench train --out` JSON timed on the idle GPU: draw and tabulate "
+                                   "GPU-minutes at each preset's solo speed instead of wall time (for runs that "
+                                   "shared a GPU)."),
 ) -> None:
     """Loss and FID curves of one or more runs, and a markdown table.
 
@@ -25,9 +29,11 @@ def report_command(
     Examples:
 
       wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --out report/cifar10
+
+      wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --solo-speed bench-s.json
     """
     from wdmctl.apps.report import write_report
 
-    result = write_report(runs, out, overwrite=overwrite)
+    result = write_report(runs, out, overwrite=overwrite, solo_speed=solo_speed)
     typer.echo(result["table"].rstrip())
     typer.echo(f"wrote {', '.join(result['files'])}")
