@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15's architecture ablation on CIFAR-10 pixels: every arm is recipes/cifar10.toml with one model key
-# changed, the same short-run recipe (that of scripts/gpu-cifar10.sh: lr 4e-4, 200 warm-up steps, EMA 0.999 with
-# warm-up, CUDA-graphed steps), the same steps, batch and seed. Arms train side by side on one GPU, each in its
+# changed (lr2e-4: one optimiser key), the same short-run recipe (that of scripts/gpu-cifar10.sh: lr 4e-4, 200
+# warm-up steps, EMA 0.999 with warm-up, CUDA-graphed steps), the same steps, batch and seed. Arms train side by side on one GPU, each in its
 # own process (under CUDA MPS when the machine has it, so the small models' kernels overlap), then each gets a
 # 10x10 grid (50 steps, one class per column, cfg 1.5) and an FID against CIFAR-10 train statistics (20
-# DPM-Solver++ steps, cfg 1, bf16).
+# DPM-Solver++ steps, cfg 1, bf16) and a stripe score (scripts/periodic-texture.py).
 #
 #   scripts/gpu-ablation.sh train WORK DATA STEPS SEED ARM...   # start the arms in the background (setsid)
 #       EXTRA_SETS="key=value ..." adds recipe keys to every arm (e.g. FID during training for Table 1)
@@ -28,6 +28,8 @@ arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 (the f
     smoother)       echo 'model.smoother=true' ;;
     offset2)        echo 'model.cycle_offset=2' ;;
     conv1d)         echo 'model.mixer_conv="causal1d"' ;;      # Mamba's conv: the default before issue 15
+    noconv)         echo 'model.mixer_conv="none"' ;;          # no local conv: do the fine stripes come from it?
+    lr2e-4)         echo 'optim.lr=2e-4' ;;                    # half the step size (not a model key)
     uvit)           echo 'model.preset="UViT-S/2"' ;;
     umamba)         echo 'model.preset="UMamba-S/2"' ;;        # Table 1: one U
     dim)            echo 'model.preset="DiM-S/2"' ;;           # Table 1: DiM-style plain stack
@@ -80,6 +82,7 @@ case $cmd in
       python -m wdmctl sample --run "$run" --n 100 --class 0,1,2,3,4,5,6,7,8,9 --steps 50 --batch-size 100 \
         --out "$work/scores/$arm-samples" --overwrite > /dev/null
       cp "$run/stats.jsonl" "$work/scores/$arm-stats.jsonl"
+      python scripts/periodic-texture.py --patch 2 --json "$work/scores/$arm-samples" > "$work/scores/$arm-stripes.json"
       [ -n "${GRIDS_ONLY:-}" ] && return 0
       python -m wdmctl fid --run "$run" --num "$num" --steps "${FID_STEPS:-20}" --cfg 1.0 --batch-size 1000 \
         --precision bf16 --ref "$ref" --inception "$inception" --json --overwrite > "$work/scores/$arm-fid$num.json"

@@ -15,6 +15,7 @@ from wdmctl.models.embeddings import sincos_2d_embedding
 from wdmctl.models.wdmamba import CYCLE, MambaBlock, SSMBranch
 
 OPTIONS = [dict(), dict(token_order="zigzag"), dict(pad_tokens=3), dict(mixer_conv="2d"), dict(smoother=True),
+           dict(mixer_conv="none"), dict(mixer_conv="none", scan="bidirectional"),
            dict(position_embedding="sincos"), dict(zero_init=True), dict(cycle_offset=2),
            dict(scan="bidirectional", token_order="zigzag", pad_tokens=2, mixer_conv="2d", smoother=True,
                 position_embedding="sincos", zero_init=True)]
@@ -120,6 +121,20 @@ def test_two_d_conv_reaches_the_patch_below():
     changed = (branch.grid_conv(x, grid) - base).abs().sum(-1)[0]
     below, far = 1 + 1 * 3 + 1, 1 + 2 * 3 + 1      # patches (1, 1) and (2, 1)
     assert changed[below] > 0 and changed[far] == 0 and changed[0] == 0   # the extra token is untouched
+
+
+def test_no_local_conv_mixes_tokens_only_through_the_scan():
+    # mixer_conv = "none" (an ablation arm): no conv parameters; a token's change reaches only itself and the
+    # tokens after it in the scan's direction (a row-forward scan), never the tokens before it
+    torch.manual_seed(0)
+    branch = SSMBranch(d_inner=4, d_state=2, d_conv=3, dt_rank=1, mixer_conv="none")
+    assert branch.conv1d is None and branch.conv2d is None
+    assert not any("conv" in name for name, _ in branch.named_parameters())
+    x, z = torch.randn(1, 10, 4), torch.randn(1, 10, 4)
+    base = branch(x, z, False, None, {"backend": "torch"})
+    x[0, 5] += 1.0
+    changed = (branch(x, z, False, None, {"backend": "torch"}) - base).abs().sum(-1)[0]
+    assert changed[:5].abs().max() == 0 and changed[5] > 0 and changed[6] > 0
 
 
 def test_sincos_positions_follow_the_formula_and_resize_without_interpolation():

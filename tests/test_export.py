@@ -438,9 +438,10 @@ def test_scan_direction_and_column_order_reach_the_graph(which, form, request):
 
 
 # Model options beside the shared exports' 2-D conv: Mamba's causal conv1d along the scan (what the quickstart
-# recipe keeps), and scan-order copies (zigzag lines, pad tokens after each line) that the mixer builds before
+# recipe keeps), no local conv (the stripe ablation's arm), and scan-order copies (zigzag lines, pad tokens after each line) that the mixer builds before
 # calling the scan interface without a column grid
-OPTION_MODELS = {"causal1d": dict(mixer_conv="causal1d"), "zigzag-pads": dict(token_order="zigzag", pad_tokens=2)}
+OPTION_MODELS = {"causal1d": dict(mixer_conv="causal1d"), "zigzag-pads": dict(token_order="zigzag", pad_tokens=2),
+                 "no-conv": dict(mixer_conv="none")}
 
 
 def option_model(name: str):
@@ -468,7 +469,8 @@ def test_model_options_export_in_both_forms(name, form, tmp_path):
     assert ops.count("LinearAttention") == (6 if form == "linear-attention" else 0)
     assert ops.count("CumSum") == (2 * 6 if form == "unrolled" else 0)
     assert not set(ops) & {"Loop", "Scan", "If", "SequenceMap"}
-    assert depthwise_convs(graph) == (0 if name == "causal1d" else 6)  # (the conv1d: shifted copies, no Conv)
+    # the conv1d exports as shifted copies (no Conv); "none" has no local conv at all
+    assert depthwise_convs(graph) == (0 if name in ("causal1d", "no-conv") else 6)
 
     denoise = load_exported_denoiser(tmp_path, "onnx", "cpu")
     x, t, y = inputs(4, conditional=True, seed=7)

@@ -394,7 +394,7 @@ def test_interpreter_model_fusions_match_unfused_and_torch(interpreter, small_ch
 
 
 ARCHITECTURE_OPTIONS = [dict(token_order="zigzag"), dict(pad_tokens=2), dict(mixer_conv="2d"),
-                        dict(scan="bidirectional", mixer_conv="2d"),
+                        dict(scan="bidirectional", mixer_conv="2d"), dict(scan="bidirectional", mixer_conv="none"),
                         dict(scan="bidirectional", token_order="zigzag", pad_tokens=1)]
 
 

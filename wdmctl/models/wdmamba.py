@@ -57,7 +57,7 @@ from wdmctl.scan import (
 ARCHS = ("wdmamba", "umamba", "stack", "uvit")
 SCAN_MODES = ("cycle", "bidirectional")
 TOKEN_ORDERS = ("raster", "zigzag")
-MIXER_CONVS = ("causal1d", "2d")
+MIXER_CONVS = ("causal1d", "2d", "none")
 POSITION_EMBEDDINGS = ("learned", "sincos")
 CYCLE = ("row", "row_reverse", "column", "column_reverse")
 # the vocabulary of every string argument of WDMamba, checked by the constructor and by recipe validation
@@ -83,12 +83,11 @@ class SSMBranch(nn.Module):
                  pads: int = 0, dt_min: float = 1e-3, dt_max: float = 0.1):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
+        self.conv1d = self.conv2d = None   # "none": no local conv, the SiLU alone (an ablation arm)
         if mixer_conv == "2d":
             self.conv2d = nn.Conv2d(d_inner, d_inner, 3, groups=d_inner, padding=1)
-            self.conv1d = None
-        else:
+        elif mixer_conv == "causal1d":
             self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
-            self.conv2d = None
         self.pad_tokens = nn.Parameter(torch.randn(2, pads, d_inner) * 0.02) if pads else None
         if self.pad_tokens is not None:
             self.pad_tokens._no_weight_decay = True
@@ -119,9 +118,11 @@ class SSMBranch(nn.Module):
         pad_x, pad_z = self.pad_tokens if self.pad_tokens is not None else (None, None)
         if self.conv2d is not None:   # the 2-D conv works on the grid, before any reordering
             x = self.grid_conv(x, grid)
+        elif self.conv1d is None:
+            x = F.silu(x)
         if layout is not None:
             x, z = layout.to_scan(x, pad_x), layout.to_scan(z, pad_z)
-        if self.conv2d is not None:
+        if self.conv1d is None:
             u = x.transpose(1, 2)
         else:
             u = causal_conv1d(x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu",
@@ -206,6 +207,8 @@ class MambaMixer(nn.Module):
 
         if fwd.conv2d is not None:   # the 2-D conv does not depend on the direction: both weights, one launch
             u = grid_conv_silu(x_in, both(lambda m: m.conv2d.weight), both(lambda m: m.conv2d.bias), grid).transpose(1, 2)
+        elif fwd.conv1d is None:     # no local conv: both directions scan the same SiLU(x)
+            u = F.silu(x_in).repeat(2, 1, 1).transpose(1, 2)
         else:
             u = causal_conv1d_pair(x_in.transpose(1, 2), both(lambda m: m.conv1d.weight.squeeze(1)),
                                    both(lambda m: m.conv1d.bias), "silu", reverse, column_grid, backend)  # (2B, E, L)
@@ -348,8 +351,8 @@ class WDMamba(ModelMixin, ConfigMixin):
         token_order: "raster" (each line of the grid scanned the same way) or "zigzag" (every second line
             backwards, so consecutive tokens are always neighbours: ZigMa).
         pad_tokens: learned pad tokens after every scanned line (DiM uses 3); 0 = none.
-        mixer_conv: the Mamba mixer's local conv: "causal1d" (Mamba's, along the scan) or "2d" (depthwise
-            3x3 over the patch grid).
+        mixer_conv: the Mamba mixer's local conv: "causal1d" (Mamba's, along the scan), "2d" (depthwise
+            3x3 over the patch grid) or "none" (no local conv: an ablation of where stripes come from).
         smoother: DiM's depthwise 3x3 convs on the patch grid before the first and after the last block
             (residual, zero-initialised).
         position_embedding: "learned" table (interpolated for other sizes) or fixed 2-D "sincos" for the patches.

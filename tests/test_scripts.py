@@ -1,0 +1,83 @@
+"""The GPU scripts' pieces that can be checked on a CPU: every arm of scripts/gpu-ablation.sh names recipe keys
+that load, and scripts/periodic-texture.py (the stripe score of docs/results.md) finds a planted pattern, reads
+wdmctl's grids exactly as it reads the images, and gives natural-looking images a low score."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wdmctl import config
+from wdmctl.core.images import save_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATION = ROOT / "scripts" / "gpu-ablation.sh"
+
+
+def ablation_arms() -> list[str]:
+    body = ABLATION.read_text().split("arm_overrides() {", 1)[1].split("\n}", 1)[0]
+    return [a for a in re.findall(r"^\s+([\w.+-]+)\)", body, re.M) if a != "*"]
+
+
+def arm_keys(arm: str) -> list[str]:
+    source = f'source <(sed -n "/^arm_overrides()/,/^}}/p" {ABLATION}); arm_overrides {arm}'
+    out = subprocess.run(["bash", "-c", source], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def test_every_ablation_arm_loads_as_a_recipe():
+    arms = ablation_arms()
+    assert {"cycle", "conv2d", "noconv", "lr2e-4", "uvit", "umamba", "dim"} <= set(arms)
+    for arm in arms + ["noconv+pads"]:
+        recipe = config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys(arm))
+        assert recipe.model.preset
+    assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("lr2e-4")).optim.lr == 2e-4
+    assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("noconv")).model.mixer_conv == "none"
+
+
+def test_an_unknown_arm_is_refused():
+    source = f'source <(sed -n "/^arm_overrides()/,/^}}/p" {ABLATION}); arm_overrides nosuch'
+    result = subprocess.run(["bash", "-c", source], capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown arm: nosuch" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def texture():
+    spec = importlib.util.spec_from_file_location("periodic_texture", ROOT / "scripts" / "periodic-texture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smooth_images(n: int, seed: int = 0) -> np.ndarray:
+    """Blurry blobs: natural images' spectra fall with frequency."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (n, 4, 4, 3))
+    return np.clip(coarse.repeat(8, 1).repeat(8, 2) + rng.normal(0, 4, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+def test_stripe_score_finds_a_planted_two_pixel_pattern(texture):
+    images = smooth_images(20)
+    striped = images.astype(float)
+    striped[:, 1::2] += 40                                # every other row brighter: period 2, horizontal stripes
+    striped = np.clip(striped, 0, 255).astype(np.uint8)
+    clean = texture.strongest_high_frequency(texture.mean_spectrum(list(images)), max_period=4)
+    found = texture.strongest_high_frequency(texture.mean_spectrum(list(striped)), max_period=4)
+    assert found["frequency"] in ([16, 0], [-16, 0]) and found["period_px"] == 2.0
+    assert found["stripes"] == "horizontal"
+    assert found["share"] > 10 * clean["share"]
+
+
+def test_stripe_score_reads_a_grid_as_its_images(texture, tmp_path):
+    images = smooth_images(100, seed=1)
+    save_grid(images, tmp_path / "grid.png", columns=10)     # enlarged to >= 512 px, 2 px padding
+    cells = texture.grid_cells(tmp_path / "grid.png", 32)
+    assert len(cells) == 100
+    np.testing.assert_array_equal(np.stack(cells), images)
+    with pytest.raises(SystemExit, match="not a 10-column grid of 16-px images"):
+        texture.grid_cells(tmp_path / "grid.png", 16)
