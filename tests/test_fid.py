@@ -420,6 +420,8 @@ def test_fid_for_run_uses_the_recipe_and_writes_json(fake_run):
     assert result["sampler"]["clip_x0"] is True and result["sampler"]["solver"] == "dpm++"
     written = json.loads((run_dir / "fid" / "step-0000100-n20.json").read_text())
     assert written["fid"] == result["fid"] and result["json"].endswith("step-0000100-n20.json")
+    # the scored images' stripe score rides along (wdmctl/fid/stripes.py), measured on all 20 of them
+    assert written["stripes"]["images"] == 20 and 0 <= written["stripes"]["share"] <= 1
     with pytest.raises(WdmError, match="exists; pass --overwrite"):
         fid_for_run(device="cpu")
     fid_for_run(batch_size=8, device="cpu", solver="ddim", overwrite=True)   # --solver beats [fid] solver

@@ -48,6 +48,7 @@ def test_fid_during_training_is_recorded_at_every_interval(digits_cache, tmp_pat
     # every 2 steps, and at the last step
     assert [r["step"] for r in records] == [2, 3]
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 and r["fid_num"] == 8 for r in records)
+    assert all(0 < r["stripes"] <= 1 for r in records)       # the stripe score of the same 8 images
     assert [r["images_seen"] for r in records] == [8, 12]
     assert "fid8" in (run / "log.txt").read_text()
 
@@ -78,8 +79,8 @@ def test_report_draws_curves_and_a_table(digits_cache, tmp_path, stand_in_incept
     table = (out / "report.md").read_text()
     # the two runs share their folder name; the labels tell them apart by the folder above
     assert "arm-a/runs/" in table and "arm-b/runs/" in table
-    last = fid_records(runs[1])[-1]["fid"]
-    assert f"| {last:.2f} |" in table
+    last = fid_records(runs[1])[-1]
+    assert f"| {last['fid']:.2f} | {100 * last['stripes']:.2f}% |" in table
     again = invoke(["report", str(runs[0]), "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
 

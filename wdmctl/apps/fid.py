@@ -13,6 +13,7 @@ from wdmctl.errors import WdmError
 from wdmctl.fid.inception import default_device, load_inception
 from wdmctl.fid.reference import ProgressFn, check_reference, load_reference, resolve_reference
 from wdmctl.fid.score import DEFAULT_NUM, score_images
+from wdmctl.fid.stripes import StripeMeter
 from wdmctl.pipeline import require_intact_pipeline
 from wdmctl.runs import checkpoint_pipeline, find_run
 
@@ -69,8 +70,10 @@ def fid_for_run(run: str | None = None, checkpoint: str = "latest", num: int | N
     batches = generate_images(pipeline_dir=pipeline_dir, n=num, classes=None, steps=steps, cfg=cfg, solver=solver,
                               seed=seed, batch_size=batch_size, device=device, precision=precision,
                               clip_x0=clip_x0, resolved=used)
-    result = score_images((images for images, _labels in batches), ref_path, num_expected=num,
+    stripes = StripeMeter()   # the scored images' stripe score (wdmctl/fid/stripes.py) goes in the JSON too
+    result = score_images(stripes.tap(images for images, _labels in batches), ref_path, num_expected=num,
                           allow_small=allow_small, pr=pr, extractor=extractor, on_progress=on_progress)
+    result["stripes"] = stripes.result()
     result.update(
         run=str(run_dir), checkpoint=checkpoint, pipeline=str(pipeline_dir),
         sampler={**used, "ema": True, "precision": precision,

@@ -6,7 +6,8 @@ and recipe.toml, and writes, atomically, into the output folder:
     fid-images.png    FID during training against images seen
     fid-time.png      the same against training time (minutes of the run's training steps, excluding
                       checkpoints, grids and the FID measurements themselves)
-    report.md         one row per run: model, steps, images seen, training minutes, last loss, FIDs
+    report.md         one row per run: model, steps, images seen, training minutes, last loss, FIDs, and the
+                      stripe score measured with the last FID (wdmctl/fid/stripes.py), where recorded
 Training time is summed from the loss records' seconds per step, so it needs no clock of its own and is the
 same after a resume.
 
@@ -50,6 +51,7 @@ class RunCurves:
     fid_images: list[int] = field(default_factory=list)
     fid_minutes: list[float] = field(default_factory=list)
     fids: list[float] = field(default_factory=list)
+    stripes: list[float] = field(default_factory=list)          # stripe score beside each FID (when recorded)
     fid_num: int | None = None
 
 
@@ -87,6 +89,8 @@ def read_run(path: Path, label: str) -> RunCurves:
         curves.fid_steps.append(int(record["step"]))
         curves.fid_images.append(int(record["images_seen"]))
         curves.fids.append(float(record["fid"]))
+        if "stripes" in record:
+            curves.stripes.append(float(record["stripes"]))
         curves.fid_num = int(record.get("fid_num") or 0) or curves.fid_num
     # an FID is measured at a step boundary; its training time is read off the loss records' clock
     if curves.steps:
@@ -163,14 +167,16 @@ def _markdown(runs: list[RunCurves], time_name: str) -> str:
 
     fid_name = "FID-" + str(next((r.fid_num for r in runs if r.fid_num), "K"))
     lines = [f"| run | model | steps | images seen | {time_name} | last loss | "
-             f"{fid_name} best (step) | {fid_name} last |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{fid_name} best (step) | {fid_name} last | stripe score last |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         best = min(range(len(r.fids)), key=r.fids.__getitem__) if r.fids else None
         lines.append(
             f"| {r.label} | {r.model} | {r.steps[-1] if r.steps else 0} | {r.images_seen[-1] if r.images_seen else 0} | "
             f"{number(r.minutes[-1] if r.minutes else None, 1)} | {number(r.losses[-1] if r.losses else None, 4)} | "
             + (f"{r.fids[best]:.2f} ({r.fid_steps[best]})" if best is not None else "-") + " | "
-            + (f"{r.fids[-1]:.2f}" if r.fids else "-") + " |")
+            + (f"{r.fids[-1]:.2f}" if r.fids else "-") + " | "
+            + (f"{100 * r.stripes[-1]:.2f}%" if r.stripes else "-") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,9 +18,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 GRID_MIN_WIDTH = 512  # small images (8 px digits, 32 px CIFAR) are enlarged to be seen without zooming
+GRID_PADDING = 2  # white pixels between and around the images of a grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, padding: int = 2,
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, padding: int = GRID_PADDING,
               min_width: int = GRID_MIN_WIDTH) -> Path:
     """Tile uint8 NHWC images into one PNG (about square), written atomically. A grid narrower than
     `min_width` is enlarged by the smallest whole factor that reaches it, each pixel a solid square (no

@@ -1,5 +1,5 @@
 """FID during training (`[fid] every` steps): FID-K of the EMA weights (K = `[fid] every_num`) against the
-recipe's reference, written to stats.jsonl and TensorBoard, so one run gives a curve against steps, images
+recipe's reference, with the same images' stripe score (wdmctl/fid/stripes.py), written to stats.jsonl and TensorBoard, so one run gives a curve against steps, images
 seen and training time (`wdmctl report` draws it).
 
 The samples are the same every time (seeds 0..K-1, the sampler's random classes for those seeds, the
@@ -19,6 +19,7 @@ from wdmctl.diffusion.settings import labels_for
 from wdmctl.fid.inception import load_inception
 from wdmctl.fid.reference import resolve_reference
 from wdmctl.fid.score import score_images
+from wdmctl.fid.stripes import StripeMeter
 
 
 class FidMonitor:
@@ -53,8 +54,10 @@ class FidMonitor:
             batches = iter_sample_batches(ema_model, scheduler_config, self.manifest["autoencoder"], seeds, labels,
                                           steps=f.steps, cfg=f.cfg, solver=f.solver, batch_size=f.every_batch_size,
                                           device=self.device, precision=self.precision, decoder=self.decoder)
-            result = score_images(batches, self.reference, num_expected=f.every_num, extractor=self.extractor)
+            stripes = StripeMeter()   # the same images' stripe score (wdmctl/fid/stripes.py), beside the FID
+            result = score_images(stripes.tap(batches), self.reference, num_expected=f.every_num,
+                                  extractor=self.extractor)
         finally:
             ema_model.train(was_training)
         return {"step": step, "images_seen": images_seen, "fid": result["fid"], "fid_num": f.every_num,
-                "fid_seconds": round(time.perf_counter() - started, 2)}
+                "stripes": round(stripes.result()["share"], 6), "fid_seconds": round(time.perf_counter() - started, 2)}

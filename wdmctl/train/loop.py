@@ -255,9 +255,9 @@ class StepLoop:
             record = self.fid_monitor.measure(self.ema.model, dict(self.noise_scheduler.config), step,
                                               self.progress.images_seen)
             self.reporter.record(record)
-            self.accelerator.log({f"fid{record['fid_num']}": record["fid"]}, step=step)
-            self.reporter.line(f"fid{record['fid_num']} {record['fid']:.2f} at step {step} "
-                               f"({record['fid_seconds']:.0f} s)")
+            self.accelerator.log({f"fid{record['fid_num']}": record["fid"], "stripes": record["stripes"]}, step=step)
+            self.reporter.line(f"fid{record['fid_num']} {record['fid']:.2f} at step {step}, stripe score "
+                               f"{100 * record['stripes']:.2f}% ({record['fid_seconds']:.0f} s)")
         self.accelerator.wait_for_everyone()
 
     def _too_many_nonfinite(self) -> None:
