@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Stripes, measured, for images on disk: the stripe score of wdmctl/fid/stripes.py (the share of the images'
 energy in their strongest high frequency, a period of at most 2P pixels for patch size P), with the period
-and direction of that frequency. FID during training and `wdmctl fid` record the same score.
+and direction of that frequency, and the edge detail (detail along the four edge lines relative to the
+average line). FID during training and `wdmctl fid` record the same numbers.
 
     python scripts/periodic-texture.py --patch 2 SAMPLES_DIR... GRID.png... [--size 32] [--max-period 8] [--json]
 
@@ -70,7 +71,8 @@ def main() -> None:
         print(json.dumps(result) if args.json else
               f"{path}: {100 * result['share']:.2f}% of the energy in one frequency {tuple(result['frequency'])} "
               f"({result['stripes']} stripes, period {result['period_px']} px); all periods <= {max_period:g} px: "
-              f"{100 * result['high_share']:.1f}% ({len(images)} images)")
+              f"{100 * result['high_share']:.1f}% ({len(images)} images); edge detail "
+              + " ".join(f"{edge} {value:.2f}" for edge, value in result["edge_detail"].items()))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,17 @@ def test_batches_give_the_same_score_as_all_at_once_and_pass_through_unchanged()
     assert meter.result()["images"] == 12
 
 
+def test_edge_detail_finds_artefacts_along_one_edge():
+    images = smooth_images(10, seed=4)
+    clean = score(images)["edge_detail"]
+    dripping = images.copy()
+    dripping[:, 0, ::2] = 0                              # every other pixel of the top row black
+    dripping[:, 0, 1::2] = 255
+    edges = score(dripping)["edge_detail"]
+    assert edges["top"] > 5 and edges["top"] > 5 * clean["top"]
+    assert max(edges["bottom"], edges["left"], edges["right"]) < 1.5
+
+
 def test_flat_and_grey_images_are_handled():
     flat = np.full((2, 8, 8, 3), 128, np.uint8)
     assert normalised_spectra(flat).sum() == 0                       # no energy: zeros, not NaN

@@ -7,6 +7,11 @@ score is the largest share held by one high frequency (a +-k pair), "high" meani
 `max_period` pixels: 2P for patch size P catches a lattice left by the patchify grid or stripes two patches
 wide. On 400 CIFAR-10 training images it is 0.36%; docs/results.md has what the models score.
 
+Beside it, edge detail: the detail (mean squared difference between neighbouring pixels) along each of the
+four edge lines, relative to the image's average line: a model that draws artefacts where its scans start or
+end (the first or last rows or columns) scores high there. Natural images score low at their edges (CIFAR-10:
+0.5-0.6, the subject sits in the middle).
+
 `StripeMeter` accumulates batches as they stream past (`tap`), so the FID of a run and FID during training
 get the score of the very images they score, at the cost of one FFT per image.
 """
@@ -62,6 +67,7 @@ class StripeMeter:
     def __init__(self, max_period: float = 2 * STRIPE_PATCH):
         self.max_period = max_period
         self.total: np.ndarray | None = None
+        self.row_detail = self.column_detail = 0.0   # summed over images: detail along each row / column
         self.count = 0
 
     def add(self, images: np.ndarray) -> None:
@@ -70,6 +76,9 @@ class StripeMeter:
             raise ValueError(f"images of {spectra.shape[1:]} px after images of {self.total.shape} px")
         batch_sum = spectra.sum(axis=0)
         self.total = batch_sum if self.total is None else self.total + batch_sum
+        x = images.astype(np.float64).reshape(*images.shape[:3], -1)
+        self.row_detail = self.row_detail + (np.diff(x, axis=2) ** 2).mean(axis=(2, 3)).sum(axis=0)
+        self.column_detail = self.column_detail + (np.diff(x, axis=1) ** 2).mean(axis=(1, 3)).sum(axis=0)
         self.count += len(spectra)
 
     def tap(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -81,4 +90,8 @@ class StripeMeter:
     def result(self) -> dict:
         if not self.count:
             raise ValueError("no images were measured")
-        return {**strongest_high_frequency(self.total / self.count, self.max_period), "images": self.count}
+        rows = self.row_detail / max(self.row_detail.mean(), 1e-12)
+        columns = self.column_detail / max(self.column_detail.mean(), 1e-12)
+        edges = {"top": rows[0], "bottom": rows[-1], "left": columns[0], "right": columns[-1]}
+        return {**strongest_high_frequency(self.total / self.count, self.max_period), "images": self.count,
+                "edge_detail": {edge: round(float(value), 3) for edge, value in edges.items()}}
