@@ -122,7 +122,7 @@ def _memory_index(s, b, BATCH, L, NUM_EXTRA, GRID_W,
 @triton.jit
 def _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
     """One token of the forward recurrence (delta already through bias/softplus): the new state h (N, BD) and
-    the output y = <C, h> (+ D u) (* silu(z)). Shared by the plain and the segmented forward kernels."""
+    the output y = <C, h> (+ D u) (* silu(z)), for _forward_range."""
     h = tl.exp2(dl[None, :] * A2) * h + (dl * u)[None, :] * Bt[:, None]
     y = tl.sum(h * Ct[:, None], axis=0)
     if HAS_D:
@@ -130,6 +130,32 @@ def _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D: tl.constexpr, HAS_Z: tl.c
     if HAS_Z:
         y = y * zt * _sigmoid(zt)
     return h, y
+
+
+@triton.jit
+def _forward_range(h, start, stop, py, s_yl, pu, pdl, pz, pb, b, BATCH, L, NUM_EXTRA, GRID_W, s_ul, s_dl, s_zl,
+                   DIM, md, bias, A2, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, NP: tl.constexpr, PAIR: tl.constexpr,
+                   GRID_ROWS: tl.constexpr):
+    """Scan steps start .. stop - 1 from the state h, storing each output y at py + t * s_yl in py's dtype; the
+    next step's inputs are prefetched (loop-carried, so their loads overlap this step's math). The plain
+    forward runs 0 .. L from zero; the segmented forward's pass 3 runs one segment from its carried state."""
+    tn = _memory_index(tl.minimum(start, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+    u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
+                                                    HAS_Z, False, False, NP)
+    for i in range(start, stop):
+        t = tn
+        u = u_n.to(tl.float32)
+        dl = dl_n.to(tl.float32)
+        Bt = b_n
+        Ct = c_n
+        zt = z_n.to(tl.float32)
+        tn = _memory_index(tl.minimum(i + 1, stop - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
+        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM,
+                                                        md, HAS_Z, False, False, NP)
+        dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
+        h, y = _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D, HAS_Z)
+        tl.store(py + t * s_yl, y.to(py.dtype.element_ty), mask=md)
 
 
 @triton.jit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from wdmctl.scan.triton.common import (LN2, _delta, _forward_step, _load_step, _memory_index, _program_setup, _sigmoid,
-                                       _store_channel_sum)
+from wdmctl.scan.triton.common import (LN2, _delta, _forward_range, _load_step, _memory_index, _program_setup,
+                                       _sigmoid, _store_channel_sum)
 
 # ----------------------------------------------------------------------------------------------------
 # Forward
@@ -37,26 +37,10 @@ def _scan_fwd_kernel(
         u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, u_ptr, y_ptr, y_ptr, BATCH, DIM, L, N,
         s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ub, s_ud, HAS_D, HAS_BIAS, NP, BD, 1, PAIR)
     py = y_ptr + b * s_yb + offs_d * s_yd
+    _forward_range(tl.zeros([NP, BD], dtype=tl.float32), 0, L, py, s_yl, pu, pdl, pz, pb, b, BATCH, L, NUM_EXTRA,
+                   GRID_W, s_ul, s_dl, s_zl, DIM, md, bias, A2, Dv, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, NP,
+                   PAIR, GRID_ROWS)
 
-    tn = _memory_index(0, b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
-    # prefetched inputs of the next step (loop-carried so their loads overlap this step's math)
-    u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
-                                                    HAS_Z, False, False, NP)
-    h = tl.zeros([NP, BD], dtype=tl.float32)
-    for i in range(L):
-        t = tn
-        u = u_n.to(tl.float32)
-        dl = dl_n.to(tl.float32)
-        Bt = b_n
-        Ct = c_n
-        zt = z_n.to(tl.float32)
-        tn = _memory_index(tl.minimum(i + 1, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
-        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
-                                                        HAS_Z, False, False, NP)
-
-        dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
-        h, y = _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D, HAS_Z)
-        tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
 
 # ----------------------------------------------------------------------------------------------------
 # Backward pass 1: forward time. Recompute h; write dz, f = g * sum_n A C h, dC partials, chunk states.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from wdmctl.scan.triton.common import _delta, _forward_step, _load_step, _memory_index, _program_setup
+from wdmctl.scan.triton.common import _delta, _forward_range, _load_step, _memory_index, _program_setup
 from wdmctl.scan.triton.scan_kernels import _CHANNEL_STRIDES
 
 
@@ -106,19 +106,5 @@ def _seg_scan_kernel(
     # discarded: with one segment the buffer is never written, and uninitialised memory times 0 can be NaN)
     slot = b * (NSEG - 1) + tl.maximum(seg - 1, 0)
     h = tl.where(seg > 0, tl.load(hin_ptr + slot * N * DIM + nd_off, mask=mnd, other=0.0), 0.0)
-    tn = _memory_index(tl.minimum(start, L - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
-    u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM, md,
-                                                    HAS_Z, False, False, NP)
-    for i in range(start, stop):
-        t = tn
-        u = u_n.to(tl.float32)
-        dl = dl_n.to(tl.float32)
-        Bt = b_n
-        Ct = c_n
-        zt = z_n.to(tl.float32)
-        tn = _memory_index(tl.minimum(i + 1, stop - 1), b, BATCH, L, NUM_EXTRA, GRID_W, REVERSE, PAIR, GRID_ROWS)
-        u_n, dl_n, z_n, g_n, f_n, b_n, c_n = _load_step(pu, pdl, pz, pu, pu, pb, tn, s_ul, s_dl, s_zl, s_ul, DIM,
-                                                        md, HAS_Z, False, False, NP)
-        dl, _ = _delta(dl, bias, HAS_BIAS, SOFTPLUS)
-        h, y = _forward_step(h, dl, u, Bt, Ct, zt, A2, Dv, HAS_D, HAS_Z)
-        tl.store(py + t * s_yl, y.to(y_ptr.dtype.element_ty), mask=md)
+    _forward_range(h, start, stop, py, s_yl, pu, pdl, pz, pb, b, BATCH, L, NUM_EXTRA, GRID_W, s_ul, s_dl, s_zl,
+                   DIM, md, bias, A2, Dv, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, NP, PAIR, GRID_ROWS)
