@@ -26,13 +26,17 @@ import numpy as np
 STRIPE_PATCH = 2  # the presets' patch size: periods of at most 2P = 4 px
 
 
+def as_float_images(images: np.ndarray) -> np.ndarray:
+    """(N, H, W[, C]) uint8/float images as float64 (N, H, W, C), without a copy when they already are."""
+    x = np.asarray(images, dtype=np.float64)
+    return x[..., None] if x.ndim == 3 else x
+
+
 def normalised_spectra(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8/float images -> their (H, W) power spectra, each summed over channels and scaled to
+    """(N, H, W[, C]) uint8/float images -> their (H, W) power spectra, each summed over channels and scaled to
     unit energy (a flat image contributes zeros)."""
-    x = images.astype(np.float64)
-    if x.ndim == 3:
-        x = x[..., None]
-    x -= x.mean(axis=(1, 2), keepdims=True)
+    x = as_float_images(images)
+    x = x - x.mean(axis=(1, 2), keepdims=True)   # not in place: x may be the caller's array
     power = (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(axis=3)
     total = power.sum(axis=(1, 2), keepdims=True)
     return np.divide(power, total, out=np.zeros_like(power), where=total > 0)
@@ -71,12 +75,12 @@ class StripeMeter:
         self.count = 0
 
     def add(self, images: np.ndarray) -> None:
-        spectra = normalised_spectra(images)
+        x = as_float_images(images)   # converted once, for the spectra and the edge detail
+        spectra = normalised_spectra(x)
         if self.total is not None and spectra.shape[1:] != self.total.shape:
             raise ValueError(f"images of {spectra.shape[1:]} px after images of {self.total.shape} px")
         batch_sum = spectra.sum(axis=0)
         self.total = batch_sum if self.total is None else self.total + batch_sum
-        x = images.astype(np.float64).reshape(*images.shape[:3], -1)
         self.row_detail = self.row_detail + (np.diff(x, axis=2) ** 2).mean(axis=(2, 3)).sum(axis=0)
         self.column_detail = self.column_detail + (np.diff(x, axis=1) ** 2).mean(axis=(1, 3)).sum(axis=0)
         self.count += len(spectra)
