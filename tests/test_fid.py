@@ -437,6 +437,11 @@ def test_fid_command_without_arguments_overrides_recipe(fake_run):
     assert calls["find_run"] == "00001-test" and calls["checkpoint"] == "step-0000100"
     assert calls["generate"]["n"] == 12 and calls["generate"]["steps"] == 3 and calls["generate"]["cfg"] == 2.0
     assert data["num"] == 12 and data["checkpoint"] == "step-0000100"
+    # the table (without --json) shows the stripe score and edge detail of the scored images
+    table = invoke(["fid", "--num", "12", "--steps", "3", "--run", "00001-test", "--device", "cpu", "--overwrite"])
+    assert table.exit_code == 0, table.output
+    assert "stripe score" in table.stdout and "of the energy at period" in table.stdout
+    assert all(f"{edge} " in table.stdout for edge in ("top", "bottom", "left", "right"))   # rich wraps the row
     (run_dir / "recipe.toml").write_text("[fid]\nnum = 5\n")
     missing = invoke(["fid", "--device", "cpu", "--overwrite"])
     assert missing.exit_code == 2 and "no reference statistics" in missing.output

@@ -73,8 +73,9 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
         table.add_row(f"precision / recall (k={result['pr_k']})", f"{result['precision']:.4f} / {result['recall']:.4f}")
     if "stripes" in result:
         stripes = result["stripes"]
+        edges = " ".join(f"{edge} {value:.2f}" for edge, value in stripes["edge_detail"].items())
         table.add_row("stripe score", f"{100 * stripes['share']:.2f}% of the energy at period {stripes['period_px']} px "
-                                      f"({stripes['stripes']}; real CIFAR-10: 0.36%, docs/results.md)")
+                                      f"({stripes['stripes']}); edge detail {edges} (docs/fid.md)")
     if result.get("samples"):
         table.add_row("samples", f"{result['samples']['path']} ({result['samples']['format']})")
     if "sampler" in result:
