@@ -593,11 +593,12 @@ def test_step_profile_groups_kernels_by_category():
     assert kernel_category("void at::native::conv_depthwise2d_forward_kernel<...>") == "2-D conv"
     assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul (GEMM)"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob") == "attention"
     assert kernel_category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise, copies, other"
-    rows = [{"kernel": "_scan_fwd_kernel", "us_per_call": 3000.0, "launches": 26},
-            {"kernel": "nvjet_tst_128x256", "us_per_call": 1000.0, "launches": 100},
-            {"kernel": "elementwise_kernel", "us_per_call": 1000.0, "launches": 400}]
+    rows = [{"kernel": "_scan_fwd_kernel", "us_per_step": 3000.0, "launches": 26},
+            {"kernel": "nvjet_tst_128x256", "us_per_step": 1000.0, "launches": 100},
+            {"kernel": "elementwise_kernel", "us_per_step": 1000.0, "launches": 400}]
     prof = step_profile(rows, wall_ms=10.0)
     assert prof["gpu_ms"] == 5.0 and prof["gpu_busy"] == 0.5 and prof["launches"] == 526
     assert list(prof["categories"]) == ["selective scan", "matmul (GEMM)", "elementwise, copies, other"]

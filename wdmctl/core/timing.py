@@ -76,19 +76,21 @@ def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any
     for evt in prof.key_averages():
         cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if cuda_us > 0 and evt.count > 0:
-            rows.append({"kernel": evt.key[:80], "us_per_call": round(cuda_us / iters, 1),
+            rows.append({"kernel": evt.key[:80], "us_per_step": round(cuda_us / iters, 1),
                          "launches": evt.count // iters})
-    return sorted(rows, key=lambda row: -row["us_per_call"])
+    return sorted(rows, key=lambda row: -row["us_per_step"])
 
 
 # Kernel-name fragments per category, checked in this order (first match wins).
 KERNEL_CATEGORIES = (
     ("selective scan", ("_scan_", "selective_scan", "_pack_bc")),
+    # before the convs: cuDNN's fused attention is named cudnn_generated_..._sdpa_... (on the H200 it was filed
+    # under "2-D conv" while that came first)
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
     # the mixer's 2-D conv: ours, and PyTorch's depthwise kernels (cuDNN's for channels-last inputs); before conv1d,
     # whose fragments are in our kernels' names
     ("2-D conv", ("_grid_conv_", "depthwise", "cudnn", "conv2d")),
     ("causal conv1d", ("conv1d", "_conv_fwd_kernel", "_conv_bwd_kernel")),   # causal-conv1d's and ours
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul (GEMM)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "splitk")),
     ("optimizer", ("multi_tensor", "adam", "fused_adam")),
     ("reductions", ("reduce_kernel", "norm", "reduction")),
@@ -109,7 +111,7 @@ def step_profile(rows: list[dict[str, Any]], wall_ms: float) -> dict[str, Any]:
     categories: dict[str, dict[str, float]] = {}
     for row in rows:
         c = categories.setdefault(kernel_category(row["kernel"]), {"gpu_ms": 0.0, "launches": 0})
-        c["gpu_ms"] += row["us_per_call"] / 1e3
+        c["gpu_ms"] += row["us_per_step"] / 1e3
         c["launches"] += row["launches"]
     gpu_ms = sum(c["gpu_ms"] for c in categories.values())
     ordered = dict(sorted(((k, {"gpu_ms": round(v["gpu_ms"], 3), "share": round(v["gpu_ms"] / gpu_ms, 3) if gpu_ms else 0.0,
