@@ -15,8 +15,9 @@
 # WORK holds the cache, the runs (WORK/runs/ARM) and the scores; DATA is the CIFAR-10 train folder or archive.
 set -euo pipefail
 
-arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 (the first ablation ran before the 2-D
-                   # conv became the preset's default, so its arms were one change from the 1-D conv model)
+arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 as the presets define it when the arm
+                   # runs (the first ablation's default had Mamba's conv1d, the stripe ablation's the 2-D conv;
+                   # since then it has no local conv, so `noconv` is the same model as `cycle`)
   case $1 in
     cycle)          echo "" ;;
     bidirectional)  echo 'model.scan="bidirectional"' ;;
@@ -28,13 +29,23 @@ arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 (the f
     smoother)       echo 'model.smoother=true' ;;
     offset2)        echo 'model.cycle_offset=2' ;;
     conv1d)         echo 'model.mixer_conv="causal1d"' ;;      # Mamba's conv: the default before issue 15
-    noconv)         echo 'model.mixer_conv="none"' ;;          # no local conv: do the fine stripes come from it?
+    noconv)         echo 'model.mixer_conv="none"' ;;          # no local conv (the default since the stripe ablation)
     lr2e-4)         echo 'optim.lr=2e-4' ;;                    # half the step size (not a model key)
+    mamba_ssm)      echo 'model.scan_backend="mamba_ssm"' ;;   # the reference CUDA scan instead of our triton one
+    fp32)           echo 'train.precision="fp32"' ;;           # no bf16 autocast in training
+    unfused)        echo "" ;;                                 # WDMCTL_FUSED_KERNELS=0 (arm_env): PyTorch norm/conv
     uvit)           echo 'model.preset="UViT-S/2"' ;;
     umamba)         echo 'model.preset="UMamba-S/2"' ;;        # Table 1: one U
     dim)            echo 'model.preset="DiM-S/2"' ;;           # Table 1: DiM-style plain stack
     *+*)            local a; for a in ${1//+/ }; do arm_overrides "$a"; done ;;   # a combination: cycle's keys for each part
     *) echo "unknown arm: $1" >&2; exit 2 ;;
+  esac
+}
+
+arm_env() {  # environment of an arm's processes (training and scoring): only `unfused` sets any
+  case $1 in
+    unfused|*+unfused|unfused+*|*+unfused+*) echo "WDMCTL_FUSED_KERNELS=0" ;;
+    *) echo "" ;;
   esac
 }
 
@@ -59,7 +70,7 @@ case $cmd in
     for arm in "$@"; do
       sets=()
       for kv in $(arm_overrides "$arm") ${EXTRA_SETS:-}; do sets+=(--set "$kv"); done
-      setsid nohup python -m wdmctl train recipes/cifar10.toml --runs-dir "$work/runs/$arm" --max-steps "$steps" \
+      setsid nohup env $(arm_env "$arm") python -m wdmctl train recipes/cifar10.toml --runs-dir "$work/runs/$arm" --max-steps "$steps" \
         --set data.cache="\"$work/cache\"" --set data.num_workers=2 --set train.seed="$seed" \
         --set optim.warmup_steps=200 --set optim.lr=4e-4 --set ema.decay=0.999 --set ema.warmup=true \
         --set train.cuda_graph=true --set train.checkpoint_every="$steps" --set sample.every=0 \
@@ -79,12 +90,12 @@ case $cmd in
     [ -f "$ref" ] || python -m wdmctl fid ref "$data" --resolution 32 --out "$ref" --inception "$inception" --batch-size 500
     score_arm() {
       local arm=$1 run; run=$(ls -d "$work/runs/$arm"/*/ | sort | tail -n 1)
-      python -m wdmctl sample --run "$run" --n 100 --class 0,1,2,3,4,5,6,7,8,9 --steps 50 --batch-size 100 \
+      env $(arm_env "$arm") python -m wdmctl sample --run "$run" --n 100 --class 0,1,2,3,4,5,6,7,8,9 --steps 50 --batch-size 100 \
         --out "$work/scores/$arm-samples" --overwrite > /dev/null
       cp "$run/stats.jsonl" "$work/scores/$arm-stats.jsonl"
       python scripts/periodic-texture.py --patch 2 --json "$work/scores/$arm-samples" > "$work/scores/$arm-stripes.json"
       [ -n "${GRIDS_ONLY:-}" ] && return 0
-      python -m wdmctl fid --run "$run" --num "$num" --steps "${FID_STEPS:-20}" --cfg 1.0 --batch-size 1000 \
+      env $(arm_env "$arm") python -m wdmctl fid --run "$run" --num "$num" --steps "${FID_STEPS:-20}" --cfg 1.0 --batch-size 1000 \
         --precision bf16 --ref "$ref" --inception "$inception" --json --overwrite > "$work/scores/$arm-fid$num.json"
     }
     for arm in "$@"; do score_arm "$arm" > "$work/logs/score-$arm.log" 2>&1 & done   # side by side, as in training

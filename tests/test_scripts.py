@@ -40,6 +40,19 @@ def test_every_ablation_arm_loads_as_a_recipe():
     assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("noconv")).model.mixer_conv == "none"
 
 
+def arm_env(arm: str) -> str:
+    source = f'source <(sed -n "/^arm_env()/,/^}}/p" {ABLATION}); arm_env {arm}'
+    return subprocess.run(["bash", "-c", source], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_only_the_unfused_arms_switch_the_fused_kernels_off():
+    # the kernel control of the stripe ablation: its training and its scoring both run without fused kernels
+    assert arm_env("unfused") == arm_env("noconv+unfused") == arm_env("unfused+pads") == "WDMCTL_FUSED_KERNELS=0"
+    assert arm_env("cycle") == arm_env("noconv") == arm_env("mamba_ssm") == ""
+    assert arm_keys("unfused") == []           # the same recipe as the default: only the environment differs
+    assert arm_keys("mamba_ssm") == ['model.scan_backend="mamba_ssm"']
+
+
 def test_an_unknown_arm_is_refused():
     source = f'source <(sed -n "/^arm_overrides()/,/^}}/p" {ABLATION}); arm_overrides nosuch'
     result = subprocess.run(["bash", "-c", source], capture_output=True, text=True)
