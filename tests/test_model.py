@@ -15,8 +15,8 @@ from wdmctl.scan import transpose_patch_grid
 
 # Parameter counts pinned so an accidental architecture change shows up here (and in README's table).
 EXPECTED_PARAMS = {
-    "WDM-S/2": 30_225_572, "WDM-B/2": 117_221_540, "WDM-L/2": 206_758_052, "WDM-XL/2": 461_525_156,
-    "UMamba-S/2": 29_256_356, "DiM-S/2": 29_589_668, "UMamba-B/2": 60_977_828, "UMamba-XL/2": 239_035_556,
+    "WDM-S/2": 30_025_892, "WDM-B/2": 116_822_180, "WDM-L/2": 206_225_572, "WDM-XL/2": 460_726_436,
+    "UMamba-S/2": 29_064_356, "DiM-S/2": 29_366_948, "UMamba-B/2": 60_778_148, "UMamba-XL/2": 238_636_196,
     "UViT-S/2": 29_427_620, "UViT-B/2": 116_362_916, "UViT-L/2": 206_268_580, "UViT-XL/2": 462_757_028,
 }
 

@@ -1,4 +1,4 @@
-"""The Mamba branch's 2-D local conv (`mixer_conv = "2d"`, the default since issue 15), fused for CUDA:
+"""The Mamba branch's 2-D local conv (`mixer_conv = "2d"`, the presets' default between issue 15's two ablations), fused for CUDA:
 SiLU(depthwise 3x3 conv of the patch grid + bias) on (batch, L, channels) tokens, L = extra + rows * cols,
 read and written in that layout (`grid_conv_silu`).
 

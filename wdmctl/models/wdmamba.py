@@ -9,9 +9,10 @@ Reads top to bottom like the paper's Figure 2:
     RMSNorm -> Linear -> unpatchify -> Conv2d 3x3 -> predicted noise (B, C, H, W)
 
 Each Mamba block: pre-norm RMSNorm, adaLN-single modulation (shift/scale/gate from one shared MLP of the
-conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual. The mixer's
-local conv is a depthwise 3x3 over the patch grid in the presets (`mixer_conv="2d"`: Mamba's causal conv1d
-along the scan drew stripes, docs/results.md) or Mamba's own (`"causal1d"`).
+conditioning plus a small per-block table), a Mamba-1 mixer scanning one token order, residual. The presets'
+mixer has no local conv before the scan (`mixer_conv="none"`): Mamba's causal conv1d along the scan
+(`"causal1d"`) drew wide stripes and a depthwise 3x3 over the patch grid (`"2d"`) fine ones
+(docs/results.md); both remain options.
 Scan orders cycle from block to block over row-major forward, row-major backward, column-major forward
 and column-major backward (`scan="cycle"`), or every block scans both directions of one orientation
 (`scan="bidirectional"`). Row-major order is restored after every block, so long skips, the position
@@ -73,9 +74,10 @@ class SSMBranch(nn.Module):
     """The per-direction half of a Mamba mixer: local conv + SiLU, x_proj -> (dt, B, C), dt_proj,
     A_log, D. Parameter names follow mamba-ssm's `Mamba` so checkpoints are easy to read across projects.
 
-    The local conv is Mamba's causal depthwise conv1d along the scan (`mixer_conv="causal1d"`), or a
+    The local conv is Mamba's causal depthwise conv1d along the scan (`mixer_conv="causal1d"`), a
     depthwise 3x3 conv over the patch grid (`"2d"`, as VMamba's SS2D does), which sees the vertical
-    neighbours that a row scan puts a whole row apart; extra tokens get its centre tap. `pads` > 0 adds
+    neighbours that a row scan puts a whole row apart (extra tokens get its centre tap), or none (`"none"`,
+    the presets'). `pads` > 0 adds
     learned pad tokens (one set for the scanned input, one for the gate z) after every line of the scan.
     """
 
@@ -83,7 +85,7 @@ class SSMBranch(nn.Module):
                  pads: int = 0, dt_min: float = 1e-3, dt_max: float = 0.1):
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
-        self.conv1d = self.conv2d = None   # "none": no local conv, the SiLU alone (an ablation arm)
+        self.conv1d = self.conv2d = None   # "none": no local conv, the SiLU alone (the presets')
         if mixer_conv == "2d":
             self.conv2d = nn.Conv2d(d_inner, d_inner, 3, groups=d_inner, padding=1)
         elif mixer_conv == "causal1d":
