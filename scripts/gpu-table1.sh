@@ -12,8 +12,19 @@
 #   scripts/gpu-table1.sh final WORK DATA INCEPTION NUM ARM...   # 10x10 grids of every arm, FID-NUM at 50 steps
 #                                                                # of the seed-0 ARMs listed (none: grids only)
 # WORK/seed0 and WORK/seed1 are scripts/gpu-ablation.sh work folders (WORK/seed1/cache links to seed 0's).
+# SEED0_ARMS (default "cycle umamba dim uvit") picks the seed-0 arms, e.g. SEED0_ARMS="cycle uvit" for the
+# head-to-head alone when the four arms' 4,000 steps do not fit in one session's device time; the solo speeds
+# are timed for those arms' presets only.
 set -euo pipefail
 here=$(dirname "$0")
+seed0_arms=${SEED0_ARMS:-cycle umamba dim uvit}
+
+arm_preset() {  # the preset each Table 1 arm trains (as scripts/gpu-ablation.sh's arms define them)
+  case $1 in
+    cycle) echo "WDM-S/2" ;; umamba) echo "UMamba-S/2" ;; dim) echo "DiM-S/2" ;; uvit) echo "UViT-S/2" ;;
+    *) echo "not a Table 1 arm: $1 (cycle, umamba, dim, uvit)" >&2; exit 2 ;;
+  esac
+}
 cmd=$1; shift
 case $cmd in
   start)
@@ -23,12 +34,14 @@ case $cmd in
     [ -f "$ref" ] || python -m wdmctl fid ref "$data" --resolution 32 --out "$ref" --inception "$inception" \
       --batch-size 500
     cp "$ref" "$work/seed1/"
-    [ -f "$work/solo-speed.json" ] || timeout 240 python -m wdmctl bench train --presets WDM-S/2,UMamba-S/2,DiM-S/2,UViT-S/2 \
+    presets=$(for a in $seed0_arms; do arm_preset "$a"; done | paste -sd,)
+    [ -f "$work/solo-speed.json" ] || timeout 240 python -m wdmctl bench train --presets "$presets" \
       --no-uvit --backends triton --batch 128 --resolution 32 --cuda-graphs on --iters 10 \
       --out "$work/solo-speed.json" || echo "solo speed bench failed: GPU-minutes will be missing"
     fid="fid.every_num=10000 fid.every_batch_size=1000 fid.steps=20 fid.cfg=1.0 fid.ref=\"$ref\" fid.inception=\"$inception\""
+    # shellcheck disable=SC2086  # the arm list splits into words
     EXTRA_SETS="fid.every=$((steps / 2)) $fid" bash "$here/gpu-ablation.sh" train "$work/seed0" "$data" "$steps" 0 \
-      cycle umamba dim uvit
+      $seed0_arms
     ln -sfn "$work/seed0/cache" "$work/seed1/cache"
     EXTRA_SETS="fid.every=$steps $fid" bash "$here/gpu-ablation.sh" train "$work/seed1" "$data" "$steps" 1 cycle uvit
     ;;
@@ -42,7 +55,7 @@ case $cmd in
     work=$1 data=$2 inception=$3 num=$4; shift 4
     FID_STEPS=50 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" "$num" "$@" &
     GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" 0 \
-      $(for a in cycle umamba dim uvit; do [[ " $* " == *" $a "* ]] || echo "$a"; done) &
+      $(for a in $seed0_arms; do [[ " $* " == *" $a "* ]] || echo "$a"; done) &
     GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed1" "$data" "$inception" 0 cycle uvit &
     wait
     ;;

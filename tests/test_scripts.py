@@ -1,5 +1,6 @@
 """The GPU scripts' pieces that can be checked on a CPU: every arm of scripts/gpu-ablation.sh names recipe keys
-that load, and scripts/periodic-texture.py reads wdmctl's grids exactly as it reads the images."""
+that load, gpu-table1.sh times the presets its arms train, and scripts/periodic-texture.py reads wdmctl's grids
+exactly as it reads the images."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from wdmctl.core.images import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATION = ROOT / "scripts" / "gpu-ablation.sh"
+TABLE1 = ROOT / "scripts" / "gpu-table1.sh"
 
 
 def ablation_arms() -> list[str]:
@@ -51,6 +53,21 @@ def test_only_the_unfused_arms_switch_the_fused_kernels_off():
     assert arm_env("cycle") == arm_env("noconv") == arm_env("mamba_ssm") == ""
     assert arm_keys("unfused") == []           # the same recipe as the default: only the environment differs
     assert arm_keys("mamba_ssm") == ['model.scan_backend="mamba_ssm"']
+
+
+def table1_preset(arm: str) -> subprocess.CompletedProcess:
+    source = f'source <(sed -n "/^arm_preset()/,/^}}/p" {TABLE1}); arm_preset {arm}'
+    return subprocess.run(["bash", "-c", source], capture_output=True, text=True)
+
+
+def test_table1_times_the_presets_its_arms_train():
+    # the solo speeds (GPU-minutes) must be those of the models the arms train: gpu-table1.sh's map agrees
+    # with the recipe each gpu-ablation.sh arm loads
+    for arm in ("cycle", "umamba", "dim", "uvit"):
+        trained = config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys(arm)).model.preset
+        assert table1_preset(arm).stdout.strip() == trained
+    refused = table1_preset("noconv")
+    assert refused.returncode == 2 and "not a Table 1 arm: noconv" in refused.stderr
 
 
 def test_an_unknown_arm_is_refused():
