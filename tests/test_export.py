@@ -827,7 +827,7 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
     shutil.copytree(conditional_export, root / "linear-attention-b2-fp32")
     shutil.copytree(unrolled_export, root / "unrolled-b2-fp32")
     before = {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()}
-    bench = DenoiserBench(dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1,
+    bench = DenoiserBench(dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1, profile=True,
                           backends=["eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
                                     "ort-unrolled", "tensorrt"])
     result = bench_model("tiny", pipe.model, source_identity(saved_conditional, True, pipe.meta), bench,
@@ -839,6 +839,7 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
     for backend in ("eager", "ort-linear-attention", "ort-unrolled"):
         timing = result["backends"][backend]
         assert timing["latency_ms"] > 0 and timing["sampling_s"] > 0, backend
+        assert "need CUDA" in timing["profile"]["skipped"], backend   # kernel profiles are CUPTI's: GPU only
     for backend in ("ort-linear-attention", "ort-unrolled"):  # fp32 CPU: the eager model's own output
         assert result["backends"][backend]["rel_l2_vs_eager"] < 1e-5 and result["backends"][backend]["vs_eager"] > 0
         assert result["backends"][backend]["what"] == "ONNX Runtime CPU EP"
@@ -879,6 +880,29 @@ def test_onnxruntime_cuda_parity(conditional_export):
             out = denoise(x, t, y)
             assert out.device.type == "cuda"
             assert rel_l2(out, expected) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_bench_profiles_onnxruntime_kernels_on_cuda(conditional_export, saved_conditional, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA device and onnxruntime-gpu")
+    import shutil
+
+    from wdmctl.bench.denoiser import DenoiserBench, bench_model
+    from wdmctl.pipeline import load_pipeline
+
+    pipe = load_pipeline(saved_conditional)
+    shutil.copytree(conditional_export, tmp_path / "linear-attention-b2-fp32")
+    bench = DenoiserBench(dtype="fp32", warmup=1, iters=2, profile=True, backends=["eager", "ort-linear-attention"])
+    result = bench_model("tiny", pipe.model, source_identity(saved_conditional, True, pipe.meta), bench,
+                         torch.device("cuda"), tmp_path, batch_size=2)
+    for backend in ("eager", "ort-linear-attention"):
+        profile = result["backends"][backend]["profile"]
+        assert profile["gpu_ms"] > 0 and profile["launches"] > 0 and profile["top_kernels"], backend
+    # the linear-attention graph's scan is ORT's LinearAttention kernel: it must be filed as the scan
+    assert "selective scan" in result["backends"]["ort-linear-attention"]["profile"]["categories"], \
+        result["backends"]["ort-linear-attention"]["profile"]["top_kernels"]
 
 
 @pytest.mark.gpu

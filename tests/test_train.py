@@ -623,9 +623,10 @@ def test_step_profile_groups_kernels_by_category():
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob") == "attention"
     assert kernel_category("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise, copies, other"
-    rows = [{"kernel": "_scan_fwd_kernel", "us_per_step": 3000.0, "launches": 26},
-            {"kernel": "nvjet_tst_128x256", "us_per_step": 1000.0, "launches": 100},
-            {"kernel": "elementwise_kernel", "us_per_step": 1000.0, "launches": 400}]
+    assert kernel_category("void onnxruntime::contrib::cuda::LinearAttentionKernel<float>(...)") == "selective scan"
+    rows = [{"kernel": "_scan_fwd_kernel", "gpu_us": 3000.0, "launches": 26},
+            {"kernel": "nvjet_tst_128x256", "gpu_us": 1000.0, "launches": 100},
+            {"kernel": "elementwise_kernel", "gpu_us": 1000.0, "launches": 400}]
     prof = step_profile(rows, wall_ms=10.0)
     assert prof["gpu_ms"] == 5.0 and prof["gpu_busy"] == 0.5 and prof["launches"] == 526
     assert list(prof["categories"]) == ["selective scan", "matmul (GEMM)", "elementwise, copies, other"]

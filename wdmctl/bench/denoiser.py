@@ -14,8 +14,9 @@ Backends (each skipped with its reason when it cannot run here):
 For every model and every batch size: the first call (setup, compilation, capture), the median latency of
 one denoiser call at the graph batch (2 x images for a conditional model: the guidance batch), the ratio to
 `eager` and the rel-L2 of the output against `eager`'s on the same inputs, optionally the time of a whole
-N-step sampling run (DPM-Solver++, guidance 1.5 for conditional models) and, for PyTorch backends, peak
-CUDA memory. Each export's node count, export time and verification (ONNX Runtime vs fp32 PyTorch) is
+N-step sampling run (DPM-Solver++, guidance 1.5 for conditional models), for PyTorch backends, peak
+CUDA memory, and optionally (`profile`, CUDA) where a call's GPU time goes, by kernel category: torch.profiler's
+CUPTI records every kernel the process launches, so ONNX Runtime's and TensorRT's kernels are counted as well. Each export's node count, export time and verification (ONNX Runtime vs fp32 PyTorch) is
 recorded beside them.
 """
 
@@ -53,6 +54,9 @@ DEFAULT_BACKENDS = ("eager", "eager-cuda-graph", "ort-linear-attention", "ort-li
                     "ort-unrolled", "tensorrt")
 BASELINE = "eager"
 GUIDANCE = 1.5
+PROFILED_CALLS = 3
+PROFILE_NEEDS_CUDA = ("kernel profiles need CUDA: they are CUPTI's records of the GPU kernels (ONNX Runtime's CPU "
+                      "provider launches none)")
 
 
 @dataclass
@@ -72,6 +76,7 @@ class DenoiserBench:
     iters: int = 20
     work_dir: str | None = None
     device: str | None = None
+    profile: bool = False
 
 
 def _models(bench: DenoiserBench):
@@ -168,7 +173,7 @@ def _sampling_seconds(denoise: Callable, config, settings: ExportSettings, steps
 def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, settings: ExportSettings,
                   bench: DenoiserBench, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
     """The timings of one backend, and its output on `inputs` (fp32, CPU) for the comparison with eager."""
-    from wdmctl.core.timing import peak_memory_gib, time_fn
+    from wdmctl.core.timing import peak_memory_gib, profile_kernels, step_profile, time_fn
 
     x, t, *rest = (v.to(device) for v in inputs)
     y = rest[0] if rest else None
@@ -183,6 +188,9 @@ def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, 
         result["sampling_s"] = round(_sampling_seconds(denoise, model_config, settings, bench.steps, device), 3)
     if BENCH_BACKENDS[backend] is None:  # ONNX Runtime's and TensorRT's memory is not torch's to count
         result["peak_memory_gib"] = peak_memory_gib(lambda: denoise(x, t, y))
+    if bench.profile:
+        result["profile"] = (step_profile(profile_kernels(lambda: denoise(x, t, y), iters=PROFILED_CALLS), latency)
+                             if device.type == "cuda" else {"skipped": PROFILE_NEEDS_CUDA})
     return result, out.float().cpu()
 
 
@@ -287,7 +295,8 @@ def run_denoiser_bench(bench: DenoiserBench, out: str | None = None) -> str:
         "benchmark": "denoiser",
         "settings": {"batch_sizes": bench.batch_sizes, "guidance": GUIDANCE, "dtype": bench.dtype,
                      "chunk_size": bench.chunk_size, "linear_attention": bench.linear_attention, "steps": bench.steps,
-                     "warmup": bench.warmup, "iters": bench.iters, "device": str(device), "work_dir": str(work_dir)},
+                     "warmup": bench.warmup, "iters": bench.iters, "device": str(device), "work_dir": str(work_dir),
+                     "profile": bench.profile},
         "versions": {**export_versions(), "tensorrt": package_versions("tensorrt")["tensorrt"]},
         "results": results,
     }

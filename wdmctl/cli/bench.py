@@ -326,6 +326,7 @@ def bench_denoiser(
     iters: int = typer.Option(20, min=1, help="Timed denoiser calls (the median is reported)."),
     work_dir: Optional[str] = typer.Option(None, help="Where the ONNX exports go (reused when they match; default: a temporary folder)."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda when available)."),
+    profile: bool = typer.Option(False, "--profile", help="Add where each backend's call spends its GPU time, by kernel category (CUDA; ONNX Runtime's and TensorRT's kernels included)."),
     out: Optional[str] = options.JSON_OUT,
 ) -> None:
     """Latency per denoiser call per backend and batch size, against eager PyTorch in the same run (JSON naming the GPU)."""
@@ -338,7 +339,7 @@ def bench_denoiser(
         chosen["chunk_size"] = chunk_size
     bench = DenoiserBench(presets=presets or ([] if model else DEFAULT_DENOISER_PRESETS), model=model,
                           resolution=resolution, dtype=dtype, linear_attention=linear_attention, steps=steps,
-                          warmup=warmup, iters=iters, work_dir=work_dir, device=device, **chosen)
+                          warmup=warmup, iters=iters, work_dir=work_dir, device=device, profile=profile, **chosen)
     typer.echo(run_denoiser_bench(bench, out))
 
 

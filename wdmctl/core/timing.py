@@ -63,7 +63,8 @@ class PeakMemory:
 
 
 def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any]]:
-    """GPU time per kernel name (microseconds per call of fn), largest first, via torch.profiler."""
+    """GPU time per kernel name, largest first, via torch.profiler: `gpu_us` is the kernel's time per call of fn
+    (a training step, a denoiser call) summed over its launches in that call, `launches` their number."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -76,14 +77,15 @@ def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any
     for evt in prof.key_averages():
         cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if cuda_us > 0 and evt.count > 0:
-            rows.append({"kernel": evt.key[:80], "us_per_step": round(cuda_us / iters, 1),
+            rows.append({"kernel": evt.key[:80], "gpu_us": round(cuda_us / iters, 1),
                          "launches": evt.count // iters})
-    return sorted(rows, key=lambda row: -row["us_per_step"])
+    return sorted(rows, key=lambda row: -row["gpu_us"])
 
 
 # Kernel-name fragments per category, checked in this order (first match wins).
 KERNEL_CATEGORIES = (
-    ("selective scan", ("_scan_", "selective_scan", "_pack_bc")),
+    # ours, mamba-ssm's, and ONNX Runtime's LinearAttention, which the linear-attention export runs the scan as
+    ("selective scan", ("_scan_", "selective_scan", "_pack_bc", "linearattention", "linear_attention")),
     # before the convs: cuDNN's fused attention is named cudnn_generated_..._sdpa_... (on the H200 it was filed
     # under "2-D conv" while that came first)
     ("attention", ("flash", "fmha", "attention", "sdpa")),
@@ -111,7 +113,7 @@ def step_profile(rows: list[dict[str, Any]], wall_ms: float) -> dict[str, Any]:
     categories: dict[str, dict[str, float]] = {}
     for row in rows:
         c = categories.setdefault(kernel_category(row["kernel"]), {"gpu_ms": 0.0, "launches": 0})
-        c["gpu_ms"] += row["us_per_step"] / 1e3
+        c["gpu_ms"] += row["gpu_us"] / 1e3
         c["launches"] += row["launches"]
     gpu_ms = sum(c["gpu_ms"] for c in categories.values())
     ordered = dict(sorted(((k, {"gpu_ms": round(v["gpu_ms"], 3), "share": round(v["gpu_ms"] / gpu_ms, 3) if gpu_ms else 0.0,
