@@ -16,8 +16,8 @@ from wdmctl.models.wdmamba import WDMamba
 
 _LATENT_256 = dict(sample_size=32, in_channels=4, patch_size=2, num_classes=1000)
 # Mamba blocks have no local conv before the scan (`mixer_conv = "none"`): in issue 15's second ablation (two
-# seeds, CIFAR-10, docs/results.md) removing it was the one change that removed the fine 2-px stripes and the
-# edge artefacts, at the same FID (seed 0) or a better one (seed 1); the reference mamba_ssm scan and the
+# seeds, CIFAR-10, docs/results.md) removing it removed the fine 2-px stripes and the
+# edge artefacts, at FID-5K +3% (seed 0) and -32% (seed 1); the reference mamba_ssm scan and the
 # unfused PyTorch path drew the same stripes, so they are the conv's, not a kernel's. `mixer_conv = "2d"` (the
 # 3x3 depthwise conv over the patch grid, the default before) or "causal1d" (Mamba's conv1d) in a recipe
 # restores a conv.
