@@ -76,12 +76,17 @@ def test_an_unknown_arm_is_refused():
     assert result.returncode != 0 and "unknown arm: nosuch" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def texture():
-    spec = importlib.util.spec_from_file_location("periodic_texture", ROOT / "scripts" / "periodic-texture.py")
+def load_script(name: str):
+    """A scripts/NAME.py file as a module (the scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def texture():
+    return load_script("periodic-texture")
 
 
 def test_stripe_score_reads_a_grid_as_its_images(texture, tmp_path):
@@ -99,3 +104,31 @@ def test_stripe_score_reads_a_grid_as_its_images(texture, tmp_path):
     from_grid = texture.stripe_score(texture.grid_cells(tmp_path / "striped.png", 32), 4)
     assert from_grid == texture.stripe_score(list(striped), 4)
     assert from_grid["share"] > 10 * texture.stripe_score(cells, 4)["share"]
+
+
+
+def test_compare_samples_measures_what_differs(tmp_path):
+    from PIL import Image
+
+    compare = load_script("compare-samples").compare
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / "a" / f"{i:06d}.png")
+        if i == 1:   # one value 7 levels off, one 1 level off
+            image = image.copy()
+            image[0, 0, 0] = (int(image[0, 0, 0]) + 7) % 256 if image[0, 0, 0] < 249 else image[0, 0, 0] - 7
+            image[1, 1, 1] = image[1, 1, 1] + 1 if image[1, 1, 1] < 255 else 254
+        Image.fromarray(image).save(tmp_path / "b" / f"{i:06d}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b" / "grid.png")   # grids are not samples
+    result = compare(tmp_path / "a", tmp_path / "b")
+    assert result["images"] == 3 and not result["identical"] and result["max_abs_levels"] == 7
+    assert result["share_over_one_level"] == pytest.approx(1 / (3 * 8 * 8 * 3))
+    assert 50 < result["psnr_db"] < 80
+    same = compare(tmp_path / "a", tmp_path / "a")
+    assert same["identical"] and same["psnr_db"] is None and same["max_abs_levels"] == 0
+    (tmp_path / "a" / "000003.png").write_bytes((tmp_path / "a" / "000000.png").read_bytes())
+    with pytest.raises(ValueError, match="hold different images"):
+        compare(tmp_path / "a", tmp_path / "b")
