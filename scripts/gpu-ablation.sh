@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15's architecture ablation on CIFAR-10 pixels: every arm is recipes/cifar10.toml with one model key
-# changed (lr2e-4: one optimiser key), the same short-run recipe (that of scripts/gpu-cifar10.sh: lr 4e-4, 200
+# changed (the controls change something else: lr2e-4 an optimiser key, fp32 the training precision, unfused
+# the environment, arm_env), the same short-run recipe (that of scripts/gpu-cifar10.sh: lr 4e-4, 200
 # warm-up steps, EMA 0.999 with warm-up, CUDA-graphed steps), the same steps, batch and seed. Arms train side by side on one GPU, each in its
 # own process (under CUDA MPS when the machine has it, so the small models' kernels overlap), then each gets a
 # 10x10 grid (50 steps, one class per column, cfg 1.5) and an FID against CIFAR-10 train statistics (20
