@@ -10,6 +10,7 @@
 #   scripts/gpu-ablation.sh train WORK DATA STEPS SEED ARM...   # start the arms in the background (setsid)
 #       EXTRA_SETS="key=value ..." adds recipe keys to every arm (e.g. FID during training for Table 1)
 #   scripts/gpu-ablation.sh status WORK                         # last log line of each arm
+#   scripts/gpu-ablation.sh preset ARM...                       # the model preset each arm trains, a line each
 #   scripts/gpu-ablation.sh score WORK DATA INCEPTION NUM ARM...  # grids + FID-NUM of finished arms
 #       FID_STEPS=50 samples the FID with 50 steps instead of 20; GRIDS_ONLY=1 draws the grids only
 #
@@ -79,6 +80,18 @@ case $cmd in
       echo "started $arm: ${sets[*]:-(default)}"
     done
     ;;
+  preset)   # as the arm's recipe resolves it, so gpu-table1.sh times the models its arms train
+    groups=()
+    for arm in "$@"; do
+      keys=$(arm_overrides "$arm")   # an assignment, so an unknown arm stops the script (set -e)
+      # shellcheck disable=SC2206  # the keys split into words
+      groups+=($keys ";")
+    done
+    # one interpreter for all arms (importing wdmctl costs seconds): the arms' keys, each group ended by ";"
+    python -c 'import sys; from wdmctl import config
+for keys in " ".join(sys.argv[1:]).split(";")[:-1]:
+    print(config.load_recipe("recipes/cifar10.toml", keys.split()).model.preset)' "${groups[@]}"
+    ;;
   status)
     work=$1
     for log in "$work"/logs/*.log; do echo "$(basename "$log" .log): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1)"; done
@@ -106,5 +119,5 @@ case $cmd in
       echo "$arm: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['fid'], 2))" "$work/scores/$arm-fid$num.json" 2>/dev/null || tail -n 2 "$work/logs/score-$arm.log")"
     done
     ;;
-  *) echo "usage: $0 train|status|score ..." >&2; exit 2 ;;
+  *) echo "usage: $0 train|status|preset|score ..." >&2; exit 2 ;;
 esac

@@ -18,13 +18,6 @@
 set -euo pipefail
 here=$(dirname "$0")
 seed0_arms=${SEED0_ARMS:-cycle umamba dim uvit}
-
-arm_preset() {  # the preset each Table 1 arm trains (as scripts/gpu-ablation.sh's arms define them)
-  case $1 in
-    cycle) echo "WDM-S/2" ;; umamba) echo "UMamba-S/2" ;; dim) echo "DiM-S/2" ;; uvit) echo "UViT-S/2" ;;
-    *) echo "not a Table 1 arm: $1 (cycle, umamba, dim, uvit)" >&2; exit 2 ;;
-  esac
-}
 cmd=$1; shift
 case $cmd in
   start)
@@ -34,7 +27,8 @@ case $cmd in
     [ -f "$ref" ] || python -m wdmctl fid ref "$data" --resolution 32 --out "$ref" --inception "$inception" \
       --batch-size 500
     cp "$ref" "$work/seed1/"
-    presets=$(for a in $seed0_arms; do arm_preset "$a"; done | paste -sd,)
+    # shellcheck disable=SC2086  # the arm list splits into words
+    presets=$(bash "$here/gpu-ablation.sh" preset $seed0_arms | paste -sd,)
     [ -f "$work/solo-speed.json" ] || timeout 240 python -m wdmctl bench train --presets "$presets" \
       --no-uvit --backends triton --batch 128 --resolution 32 --cuda-graphs on --iters 10 \
       --out "$work/solo-speed.json" || echo "solo speed bench failed: GPU-minutes will be missing"
