@@ -14,10 +14,12 @@
 # WORK/seed0 and WORK/seed1 are scripts/gpu-ablation.sh work folders (WORK/seed1/cache links to seed 0's).
 # SEED0_ARMS (default "cycle umamba dim uvit") picks the seed-0 arms, e.g. SEED0_ARMS="cycle uvit" for the
 # head-to-head alone when the four arms' 4,000 steps do not fit in one session's device time; the solo speeds
-# are timed for those arms' presets only.
+# are timed for those arms' presets only. SEED1_ARMS (default "cycle uvit") picks the second seed's arms; empty
+# ("") trains no second seed, e.g. SEED0_ARMS="umamba dim" SEED1_ARMS="" to add the other two layouts later.
 set -euo pipefail
 here=$(dirname "$0")
 seed0_arms=${SEED0_ARMS:-cycle umamba dim uvit}
+seed1_arms=${SEED1_ARMS-cycle uvit}   # set but empty: no second seed
 cmd=$1; shift
 case $cmd in
   start)
@@ -36,12 +38,15 @@ case $cmd in
     # shellcheck disable=SC2086  # the arm list splits into words
     EXTRA_SETS="fid.every=$((steps / 2)) $fid" bash "$here/gpu-ablation.sh" train "$work/seed0" "$data" "$steps" 0 \
       $seed0_arms
-    ln -sfn "$work/seed0/cache" "$work/seed1/cache"
-    EXTRA_SETS="fid.every=$steps $fid" bash "$here/gpu-ablation.sh" train "$work/seed1" "$data" "$steps" 1 cycle uvit
+    if [ -n "$seed1_arms" ]; then
+      ln -sfn "$work/seed0/cache" "$work/seed1/cache"
+      # shellcheck disable=SC2086  # the arm list splits into words
+      EXTRA_SETS="fid.every=$steps $fid" bash "$here/gpu-ablation.sh" train "$work/seed1" "$data" "$steps" 1 $seed1_arms
+    fi
     ;;
   status)
     work=$1
-    for seed in seed0 seed1; do echo "[$seed]"; bash "$here/gpu-ablation.sh" status "$work/$seed" | grep -v MiB || true; done
+    for seed in seed0 seed1; do [ -d "$work/$seed/logs" ] || continue; echo "[$seed]"; bash "$here/gpu-ablation.sh" status "$work/$seed" | grep -v MiB || true; done
     grep -h '"fid"' "$work"/seed*/runs/*/*/stats.jsonl 2>/dev/null | cut -c1-160 || true
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
     ;;
@@ -50,7 +55,8 @@ case $cmd in
     FID_STEPS=50 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" "$num" "$@" &
     GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed0" "$data" "$inception" 0 \
       $(for a in $seed0_arms; do [[ " $* " == *" $a "* ]] || echo "$a"; done) &
-    GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed1" "$data" "$inception" 0 cycle uvit &
+    # shellcheck disable=SC2086  # the arm list splits into words
+    [ -z "$seed1_arms" ] || GRIDS_ONLY=1 bash "$here/gpu-ablation.sh" score "$work/seed1" "$data" "$inception" 0 $seed1_arms &
     wait
     ;;
   *) echo "usage: $0 start|status|final ..." >&2; exit 2 ;;
