@@ -71,6 +71,14 @@ def auto_choice() -> str:
     return resolve_choice("auto", default_provider(), None)
 
 
+def auto_query_key() -> str:
+    """What --query-key auto picks here with auto_choice() (1.32.0 CPU: shared, which its contrib kernel takes)."""
+    from wdmctl.export.linear_attention import resolve_query_key
+    from wdmctl.export.runtime import default_provider
+
+    return resolve_query_key("auto", auto_choice(), default_provider())
+
+
 def standard_op_missing() -> str | None:
     """Why ONNX's opset-27 LinearAttention cannot run here on the CPU provider (None: it can). onnxruntime
     runs it from 1.32.0; older versions (1.31.1 is onnxruntime-gpu's newest) have only the contrib op."""
@@ -229,9 +237,92 @@ def test_linear_attention_probe_on_the_installed_runtime():
     assert runtime_support("standard", "CPUExecutionProvider") in ("kernel", "function")
 
 
+@pytest.mark.parametrize("choice, shared_support, asked, expected", [
+    ("contrib", "kernel", "auto", "shared"),         # onnxruntime 1.31.1 / 1.32.0 CPU: the contrib kernel takes it
+    ("contrib", None, "auto", "per-channel"),        # a contrib kernel that refuses one query head for many states
+    ("standard", "kernel", "auto", "per-channel"),   # the standard op needs a key per state head
+    ("contrib", None, "shared", "shared"),           # asked for: the runtime's own error, at verification
+    ("contrib", "kernel", "per-channel", "per-channel"),
+    ("standard", "kernel", "shared", "--query-key shared needs --linear-attention contrib"),
+    ("contrib", "kernel", "both", "--query-key must be one of auto, shared, per-channel, not 'both'"),
+])
+def test_query_key_choice(choice, shared_support, asked, expected, monkeypatch):
+    from wdmctl.export import linear_attention
+
+    calls = []
+
+    def support(op, provider, shared=False):
+        calls.append((op, shared))
+        return shared_support if shared else "kernel"
+
+    monkeypatch.setattr(linear_attention, "runtime_support", support)
+    if expected in ("shared", "per-channel"):
+        assert linear_attention.resolve_query_key(asked, choice, "CUDAExecutionProvider") == expected
+        assert calls == ([("contrib", True)] if (asked, choice) == ("auto", "contrib") else [])
+    else:
+        with pytest.raises(WdmError, match=expected.replace("(", r"\(")):
+            linear_attention.resolve_query_key(asked, choice, "CUDAExecutionProvider")
+
+
+def test_shared_query_key_probe_on_the_installed_runtime():
+    """onnxruntime's contrib kernel on the CPU provider takes one query and key head read by several state
+    heads (checked on 1.32.0 and on onnxruntime 1.31.1, the version of onnxruntime-gpu's CUDA kernel); the
+    standard op's schema refuses it."""
+    from wdmctl.export.linear_attention import runtime_support
+
+    assert runtime_support("contrib", "CPUExecutionProvider", shared=True) == "kernel"
+    assert runtime_support("standard", "CPUExecutionProvider", shared=True) is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_linear_attention_scan_matches_the_recurrence(shared):
+    """The scan through the op's reference computation, query and key shared or per channel, both directions,
+    against the plain per-token recurrence."""
+    from wdmctl.export.linear_attention import selective_scan_linear_attention
+    from wdmctl.scan.torch_scan import selective_scan_sequential
+
+    g = torch.Generator().manual_seed(3)
+    b, d, length, n = 2, 6, 9, 4
+    u, delta, z = (torch.randn(b, d, length, generator=g) for _ in range(3))
+    B, C = (torch.randn(b, n, length, generator=g) for _ in range(2))
+    A, D, bias = -torch.rand(d, n, generator=g), torch.randn(d, generator=g), torch.randn(d, generator=g)
+    for reverse in (False, True):
+        expected = selective_scan_sequential(u, delta, A, B, C, D, z, bias, True, reverse=reverse)
+        actual = selective_scan_linear_attention(u, delta, A, B, C, D, z, bias, True, reverse=reverse,
+                                                 shared_query_key=shared)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_and_per_channel_graphs(conditional_export, tmp_path):
+    """The per-channel export of the same model: every LinearAttention node reads d_inner copies of C and B
+    (q_num_heads = kv_num_heads = 64), the shared one reads one head (q_num_heads 1) and has fewer nodes (no
+    Expand of C and B); both match PyTorch on the CPU provider."""
+    if auto_query_key() != "shared":
+        pytest.skip("the installed onnxruntime's contrib kernel does not take a shared query and key")
+
+    def heads(graph):
+        return {(a.name, a.i) for n in graph.graph.node if n.op_type == "LinearAttention" for a in n.attribute
+                if a.name in ("q_num_heads", "kv_num_heads")}
+
+    per_channel = tmp_path / "per-channel"
+    settings = ExportSettings(batch_size=2, linear_attention="contrib", query_key="per-channel")
+    manifest = export_onnx(tiny_model(NUM_CLASSES), per_channel, settings, {"weights_sha256": "pc", "ema": True},
+                           log=QUIET)
+    assert manifest["verification"]["passed"] and manifest["scan"]["linear_attention"]["query_key"] == "per-channel"
+    assert "a copy per channel" in manifest["scan"]["linear_attention"]["mapping"]
+    shared_graph, per_channel_graph = load_graph(conditional_export), load_graph(per_channel)
+    assert heads(shared_graph) == {("q_num_heads", 1), ("kv_num_heads", 64)}
+    assert heads(per_channel_graph) == {("q_num_heads", 64), ("kv_num_heads", 64)}
+    assert len(shared_graph.graph.node) < len(per_channel_graph.graph.node)
+    x, t, y = inputs(4, True)
+    expected = torch_eps(tiny_model(NUM_CLASSES), "linear-attention", x, t, y)
+    for folder in (conditional_export, per_channel):
+        assert rel_l2(load_exported_denoiser(folder, "onnx", "cpu")(x, t, y), expected) <= 1e-5, folder.name
+
+
 def test_scan_forms_in_the_graph(conditional_export, unrolled_export, unconditional_export):
     # linear-attention: one LinearAttention per scan (6 blocks, one direction each), heads = d_inner = 64,
-    # d_k = N = 16; unrolled: two cumulative sums per scan (inside chunks, across chunks) whatever the
+    # d_k = N = 16, one query head where C and B are shared (--query-key auto); unrolled: two cumulative sums per scan (inside chunks, across chunks) whatever the
     # number of chunks; sequential: the decays of all tokens in one Exp per block, then one Mul + Add per
     # token after the first (17 tokens: time + 16 patches)
     ops = ("LinearAttention", "CumSum", "Exp", "Add", "ScatterElements", "Loop", "Scan")
@@ -240,7 +331,8 @@ def test_scan_forms_in_the_graph(conditional_export, unrolled_export, unconditio
     assert histogram(linear)["LinearAttention"] == 6 and histogram(linear)["CumSum"] == 0
     for node in (n for n in linear.graph.node if n.op_type == "LinearAttention"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs == {"q_num_heads": 64, "kv_num_heads": 64, "update_rule": b"gated", "scale": 1.0}
+        query_heads = 1 if auto_query_key() == "shared" else 64
+        assert attrs == {"q_num_heads": query_heads, "kv_num_heads": 64, "update_rule": b"gated", "scale": 1.0}
         assert list(node.input)[3] == ""  # no past state: every scan starts from zero
     assert depthwise_convs(linear) == depthwise_convs(load_graph(unrolled_export)) == 6  # one per block
     unrolled = histogram(load_graph(unrolled_export))
@@ -298,10 +390,11 @@ def test_manifest_of_the_cli_export(conditional_export, saved_conditional):
     assert m["onnx"]["export_seconds"] > 0
     assert m["settings"] == {"batch_size": 2, "resolution": 8, "dtype": "fp32", "scan_form": "linear-attention",
                              "linear_attention": choice, "chunk_size": 1, "scan_dtype": "fp32", "opset": opset,
-                             "dynamic_batch": False}
+                             "dynamic_batch": False, "query_key": auto_query_key()}
     assert m["scan"]["form"] == "linear-attention"
     assert m["scan"]["linear_attention"]["nodes"] == 6 and m["scan"]["linear_attention"]["update_rule"] == "gated"
     assert m["scan"]["linear_attention"]["dtype"] == "fp32"
+    assert m["scan"]["linear_attention"]["query_key"] == auto_query_key()
     assert m["runtime"]["onnxruntime"]["cuda_graph"] is True
     assert m["runtime"]["onnxruntime"]["cuda_provider_options"]["enable_cuda_graph"] == "1"
     # TF32 off, as in PyTorch's matmuls: on, the H200 put an fp32 graph 2.3e-4 rel-L2 from eager (limit 1e-5)
@@ -680,6 +773,8 @@ def one_line_error(args: list[str], capsys) -> str:
     (["--scan-form", "parallel"], "--scan-form must be one of linear-attention, unrolled, sequential"),
     (["--linear-attention", "fused"], "--linear-attention must be one of auto, standard, contrib"),
     (["--linear-attention", "standard", "--opset", "20"], "the standard LinearAttention needs --opset 27"),
+    (["--query-key", "both"], "--query-key must be one of auto, shared, per-channel, not 'both'"),
+    (["--linear-attention", "standard", "--query-key", "shared"], "--query-key shared needs --linear-attention contrib"),
     (["--trt", "--scan-form", "linear-attention"], "TensorRT cannot build from the linear-attention graph"),
     (["--scan-dtype", "fp16"], "--scan-dtype must be fp32 or the graph's --dtype fp32, not 'fp16'"),
     (["--dtype", "fp16", "--scan-dtype", "fp16", "--scan-form", "unrolled"], "is for --scan-form linear-attention"),
@@ -829,10 +924,10 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
     before = {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()}
     bench = DenoiserBench(dtype="fp32", chunk_size=8, steps=2, warmup=0, iters=1, profile=True,
                           backends=["eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
-                                    "ort-unrolled", "tensorrt"])
+                                    "ort-linear-attention-per-channel", "ort-unrolled", "tensorrt"])
     result = bench_model("tiny", pipe.model, source_identity(saved_conditional, True, pipe.meta), bench,
                          torch.device("cpu"), root, batch_size=2)
-    assert {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir()} == before
+    assert {p: sha256_file(p / MANIFEST_FILE) for p in root.iterdir() if p in before} == before
     assert result["graph_batch"] == 4 and result["batch_size"] == 2
     assert result["onnx"]["linear-attention"]["scan"]["linear_attention"]["nodes"] == 6
     assert result["onnx"]["unrolled"]["node_count"] > result["onnx"]["linear-attention"]["node_count"]
@@ -840,6 +935,13 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
         timing = result["backends"][backend]
         assert timing["latency_ms"] > 0 and timing["sampling_s"] > 0, backend
         assert "need CUDA" in timing["profile"]["skipped"], backend   # kernel profiles are CUPTI's: GPU only
+    per_channel = result["onnx"]["linear-attention-per-channel"]
+    if auto_query_key() == "shared":  # the default graph shares query and key: the per-channel one is its own
+        assert per_channel["scan"]["linear_attention"]["query_key"] == "per-channel"
+        assert per_channel["node_count"] > result["onnx"]["linear-attention"]["node_count"]
+        assert result["backends"]["ort-linear-attention-per-channel"]["rel_l2_vs_eager"] < 1e-5
+    else:
+        assert "same graph as linear-attention" in per_channel["error"]
     for backend in ("ort-linear-attention", "ort-unrolled"):  # fp32 CPU: the eager model's own output
         assert result["backends"][backend]["rel_l2_vs_eager"] < 1e-5 and result["backends"][backend]["vs_eager"] > 0
         assert result["backends"][backend]["what"] == "ONNX Runtime CPU EP"

@@ -8,6 +8,8 @@ Backends (each skipped with its reason when it cannot run here):
   compile                torch.compile of that same computation
   ort-linear-attention   the linear-attention export on ONNX Runtime (CUDA EP: I/O binding and CUDA graphs)
   ort-linear-attention-dtype-scan  the same with LinearAttention's inputs in the dtype (--scan-dtype)
+  ort-linear-attention-per-channel  the same with a query and key per channel (--query-key per-channel), where
+                         the default graph shares them (the runtime's contrib kernel takes the shared shapes)
   ort-unrolled           the unrolled export on ONNX Runtime (the same runtime)
   tensorrt               a TensorRT engine built from the unrolled export, replayed as a CUDA graph
 
@@ -41,17 +43,19 @@ from wdmctl.export.runtime import default_provider
 from wdmctl.scan.torch_scan import DEFAULT_CHUNK_SIZE
 
 # export -> its ExportSettings beyond the bench's own (dtype, batch, chunk size, LinearAttention choice);
-# scan_dtype None: the bench's dtype
+# scan_dtype None: the bench's dtype. An export whose resolved settings equal an earlier one's is not made twice.
 EXPORTS = {"linear-attention": {"scan_form": "linear-attention"},
            "linear-attention-dtype-scan": {"scan_form": "linear-attention", "scan_dtype": None},
+           "linear-attention-per-channel": {"scan_form": "linear-attention", "query_key": "per-channel"},
            "unrolled": {"scan_form": "unrolled"}}
 # backend -> the export it runs (None: PyTorch on the model itself)
 BENCH_BACKENDS = {"eager": None, "eager-cuda-graph": None, "eager-torch-scan": None, "compile": None,
                   "ort-linear-attention": "linear-attention",
                   "ort-linear-attention-dtype-scan": "linear-attention-dtype-scan",
+                  "ort-linear-attention-per-channel": "linear-attention-per-channel",
                   "ort-unrolled": "unrolled", "tensorrt": "unrolled"}
 DEFAULT_BACKENDS = ("eager", "eager-cuda-graph", "ort-linear-attention", "ort-linear-attention-dtype-scan",
-                    "ort-unrolled", "tensorrt")
+                    "ort-linear-attention-per-channel", "ort-unrolled", "tensorrt")
 BASELINE = "eager"
 GUIDANCE = 1.5
 PROFILED_CALLS = 3
@@ -194,17 +198,17 @@ def _time_backend(backend: str, denoise: Callable, inputs: tuple, model_config, 
     return result, out.float().cpu()
 
 
-def _ensure_exports(model, source: dict[str, Any], settings: dict[str, ExportSettings | None],
+def _ensure_exports(model, source: dict[str, Any], settings: dict[str, ExportSettings | str],
                     export_dirs: dict[str, Path], device: torch.device) -> dict[str, Any]:
     """Export (or reuse) every export the asked-for backends run; node count, export time and verification
-    (or the one-line error) per export."""
+    (or the one-line error) per export. A str in `settings` says why that export is not made."""
     # ONNX Runtime verifies on CUDA only with onnxruntime-gpu; on its CPU provider a B/2-size graph takes
     # hours, so a GPU host without it benchmarks the (then unverified) graphs on TensorRT alone
     verify = device.type == "cpu" or _ort_has_cuda()
     exports: dict[str, Any] = {}
     for form in settings:
-        if settings[form] is None:
-            exports[form] = {"error": "the same graph as linear-attention at --dtype fp32"}
+        if isinstance(settings[form], str):
+            exports[form] = {"error": settings[form]}
             continue
         try:
             manifest = ensure_onnx(model, export_dirs[form], settings[form], source, verify=verify, overwrite=True,
@@ -219,14 +223,20 @@ def _ensure_exports(model, source: dict[str, Any], settings: dict[str, ExportSet
     return exports
 
 
-def _export_settings(config, base: ExportSettings, export: str, bench: DenoiserBench) -> ExportSettings | None:
-    """The settings of one of EXPORTS (None where it would repeat another)."""
-    fields = dict(EXPORTS[export])
-    if "scan_dtype" in fields:
-        if bench.dtype == "fp32":
-            return None
-        fields["scan_dtype"] = bench.dtype
-    return replace(base, linear_attention=bench.linear_attention, **fields).resolved(config)
+def _export_settings(config, base: ExportSettings, forms: list[str], bench: DenoiserBench) -> dict[str, ExportSettings | str]:
+    """The resolved settings of each of `forms` (EXPORTS' names), or, where they equal an earlier form's, why
+    that one is not exported again."""
+    settings: dict[str, ExportSettings | str] = {}
+    for form in forms:
+        fields = dict(EXPORTS[form])
+        if "scan_dtype" in fields:
+            fields["scan_dtype"] = bench.dtype
+        resolved = replace(base, linear_attention=bench.linear_attention, **fields).resolved(config)
+        twin = next((other for other, earlier in settings.items() if earlier == resolved), None)
+        settings[form] = resolved if twin is None else (
+            f"the same graph as {twin} (dtype {resolved.dtype}, scan inputs in {resolved.scan_dtype}, query and key "
+            f"{resolved.query_key})")
+    return settings
 
 
 def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench, device: torch.device,
@@ -238,7 +248,7 @@ def bench_model(label: str, model, source: dict[str, Any], bench: DenoiserBench,
     base = ExportSettings(batch_size=batch_size, resolution=bench.resolution, dtype=bench.dtype,
                           scan_form="unrolled", chunk_size=bench.chunk_size)
     forms = sorted({BENCH_BACKENDS[b] for b in bench.backends} - {None})
-    settings = {form: _export_settings(config, base, form, bench) for form in forms}
+    settings = _export_settings(config, base, forms, bench)
     base = base.resolved(config)
     export_dirs = {form: export_root / f"{form}-b{batch_size}-{bench.dtype}" for form in forms}
     batch = base.graph_batch(config.num_classes > 0)

@@ -320,7 +320,7 @@ def bench_denoiser(
     dtype: str = typer.Option("fp16", help=f"{' | '.join(PRECISIONS)}, for every backend."),
     chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of the unrolled form (default: the torch scan's own)."),
     linear_attention: str = typer.Option("auto", help="auto | standard | contrib: the LinearAttention op of the linear-attention export."),
-    backends: Optional[str] = typer.Option(None, help="Comma-separated, of: eager, eager-cuda-graph, eager-torch-scan, compile, ort-linear-attention, ort-linear-attention-dtype-scan, ort-unrolled, tensorrt (default: all but eager-torch-scan and compile)."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated, of: eager, eager-cuda-graph, eager-torch-scan, compile, ort-linear-attention, ort-linear-attention-dtype-scan, ort-linear-attention-per-channel, ort-unrolled, tensorrt (default: all but eager-torch-scan and compile)."),
     steps: int = typer.Option(0, min=0, help="Also time an N-step sampling run per backend (0: latency only)."),
     warmup: int = typer.Option(3, min=0, help="Untimed calls before timing."),
     iters: int = typer.Option(20, min=1, help="Timed denoiser calls (the median is reported)."),

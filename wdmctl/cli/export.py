@@ -16,6 +16,9 @@ SCAN_FORM_HELP = ("linear-attention (the default): each scan as one LinearAttent
 LINEAR_ATTENTION_HELP = ("auto | standard | contrib: ONNX's opset-27 LinearAttention, or onnxruntime's "
                          "com.microsoft.LinearAttention; auto takes the standard op where the installed "
                          "onnxruntime runs it, else the contrib one.")
+QUERY_KEY_HELP = ("auto | shared | per-channel: LinearAttention's query and key (the scan's C and B) as one head "
+                  "that every channel reads (contrib op only: 2 of its 3 large inputs gone), or a copy per channel; "
+                  "auto shares where the installed onnxruntime's contrib kernel takes it on the provider.")
 
 
 @app.command("export")
@@ -31,6 +34,7 @@ def export(
     dtype: str = typer.Option("fp32", help=f"{' | '.join(PRECISIONS)}: the graph's precision (scan, softplus and norms stay fp32)."),
     scan_form: Optional[str] = typer.Option(None, help=SCAN_FORM_HELP),
     linear_attention: str = typer.Option("auto", help=LINEAR_ATTENTION_HELP),
+    query_key: str = typer.Option("auto", help=QUERY_KEY_HELP),
     chunk_size: Optional[int] = typer.Option(None, help="Tokens per chunk of --scan-form unrolled (default: the torch scan's own)."),
     scan_dtype: str = typer.Option("fp32", help="fp32, or the --dtype: the precision of LinearAttention's inputs (the scan's fp32 island, or half the memory traffic)."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset: 18 or newer (bf16: 22 or newer; the standard LinearAttention: 27 or newer). Default: 27 with the standard LinearAttention, else 20."),
@@ -42,10 +46,11 @@ def export(
 ) -> None:
     """Export the denoiser to ONNX and/or build a TensorRT engine.
 
-    Never run (no GPU, and TensorRT cannot be installed where this was written): the TensorRT engine build
-    and runtime (--trt, --backend trt); on ONNX Runtime's CUDA provider, its CUDA graphs and the
-    LinearAttention op (I/O binding ran on an H200 with the earlier unrolled graph). The ONNX export, its
-    verification and sampling run on ONNX Runtime's CPU provider in the tests."""
+    Never run (TensorRT cannot be installed on the machines this was written and measured on): the TensorRT
+    engine build and runtime (--trt, --backend trt). Not yet run on a GPU: --query-key shared on ONNX
+    Runtime's CUDA provider. ONNX Runtime CUDA with I/O binding, CUDA graphs and the contrib LinearAttention
+    ran on an H200; the ONNX export, its verification and sampling run on ONNX Runtime's CPU provider in the
+    tests."""
     from rich.console import Console
 
     from wdmctl.apps.export import ExportRequest, run_export
@@ -56,8 +61,8 @@ def export(
     scan_form = scan_form or ("unrolled" if trt else "linear-attention")
     chunk = {} if chunk_size is None else {"chunk_size": chunk_size}  # None: ExportSettings' default, the scan's
     settings = ExportSettings(batch_size=batch_size, resolution=resolution, dtype=dtype, scan_form=scan_form,
-                              linear_attention=linear_attention, scan_dtype=scan_dtype, opset=opset,
-                              dynamic_batch=dynamic_batch, **chunk)
+                              linear_attention=linear_attention, query_key=query_key, scan_dtype=scan_dtype,
+                              opset=opset, dynamic_batch=dynamic_batch, **chunk)
     out_dir, manifest = run_export(ExportRequest(run=run, model=model, checkpoint=checkpoint, out=out, onnx=onnx, trt=trt,
                                         settings=settings, verify=verify, overwrite=overwrite, ema=not no_ema,
                                         optimization_level=optimization_level),

@@ -74,18 +74,21 @@ class ExportSettings:
     linear_attention: str | None = "auto"  # auto | standard | contrib; resolved: standard | contrib (None: other forms)
     chunk_size: int = DEFAULT_CHUNK_SIZE   # tokens per chunk of the unrolled form
     scan_dtype: str = "fp32"               # LinearAttention's inputs: fp32 (an fp32 island) or --dtype
+    query_key: str | None = "auto"         # auto | shared | per-channel; resolved: shared | per-channel (None: other forms)
     opset: int | None = None               # None: 27 with the standard LinearAttention, else 20
     dynamic_batch: bool = False
 
     def check(self) -> None:
         """One-line errors for values that are wrong whatever the model."""
-        from wdmctl.export.linear_attention import CHOICES
+        from wdmctl.export.linear_attention import CHOICES, QUERY_KEY
 
         check_precision(self.dtype, "--dtype")
         if self.scan_form not in SCAN_FORMS:
             raise WdmError(f"--scan-form must be one of {', '.join(SCAN_FORMS)}, not {self.scan_form!r}")
         if self.scan_form == "linear-attention" and self.linear_attention not in CHOICES:
             raise WdmError(f"--linear-attention must be one of {', '.join(CHOICES)}, not {self.linear_attention!r}")
+        if self.scan_form == "linear-attention" and self.query_key not in QUERY_KEY:
+            raise WdmError(f"--query-key must be one of {', '.join(QUERY_KEY)}, not {self.query_key!r}")
         if self.opset is not None:
             check_opset(self.opset, self.dtype)
         if self.batch_size < 1:
@@ -101,7 +104,7 @@ class ExportSettings:
     def resolved(self, config) -> "ExportSettings":
         """Checked against the model's config, with the resolution, the LinearAttention spelling (from what the
         installed onnxruntime runs on the provider that will run the graph) and the opset filled in."""
-        from wdmctl.export.linear_attention import OPS, resolve_choice
+        from wdmctl.export.linear_attention import OPS, resolve_choice, resolve_query_key
         from wdmctl.export.runtime import default_provider
 
         self.check()
@@ -110,15 +113,17 @@ class ExportSettings:
             raise WdmError(f"--resolution {resolution} is not a multiple of the patch size {config.patch_size}")
         # settings that mean nothing to a form are fixed, which keeps reuse checks honest
         chunk = self.chunk_size if self.scan_form == "unrolled" else 1
-        choice = None
+        choice = query_key = None
         if self.scan_form == "linear-attention":
             choice = resolve_choice(self.linear_attention, default_provider(), self.opset)
+            query_key = resolve_query_key(self.query_key, choice, default_provider())
         opset = self.opset or (OPS["standard"][1] if choice == "standard" else DEFAULT_OPSET)
         check_opset(opset, self.dtype)
         if choice == "standard" and opset < OPS["standard"][1]:
             raise WdmError(f"the standard LinearAttention needs --opset {OPS['standard'][1]} or newer, not {opset} "
                            "(or --linear-attention contrib)")
-        return replace(self, resolution=resolution, chunk_size=chunk, linear_attention=choice, opset=opset)
+        return replace(self, resolution=resolution, chunk_size=chunk, linear_attention=choice, opset=opset,
+                       query_key=query_key)
 
     def graph_batch(self, conditional: bool) -> int:
         return 2 * self.batch_size if conditional else self.batch_size
@@ -147,10 +152,10 @@ class DenoiserForExport(nn.Module):
 
 
 def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size: int,
-                       scan_dtype: str = "fp32") -> DenoiserForExport:
+                       scan_dtype: str = "fp32", query_key: str = "per-channel") -> DenoiserForExport:
     """A copy of `model` on the scan backend of `scan_form`, cast to `dtype` with the scan's parameters in
-    fp32 (and LinearAttention's inputs in `scan_dtype`). One-line error when the model has no exportable
-    scan path."""
+    fp32 (and LinearAttention's inputs in `scan_dtype`, its query and key `query_key`: shared by all heads or
+    one per channel). One-line error when the model has no exportable scan path."""
     import wdmctl.export.linear_attention  # noqa: F401  (registers the linear-attention scan backend)
     from wdmctl.models.wdmamba import SSMBranch
     from wdmctl.scan import resolve_backend
@@ -164,6 +169,7 @@ def prepare_for_export(model: nn.Module, dtype: str, scan_form: str, chunk_size:
     options = {"chunk_size": chunk_size} if scan_form == "unrolled" else {}
     if scan_form == "linear-attention":
         options["scan_dtype"] = torch_dtype(scan_dtype, "--scan-dtype")
+        options["shared_query_key"] = query_key == "shared"
     twin.set_scan_backend(backend.name, **options)
     target = torch_dtype(dtype, "--dtype")
     # set .data rather than calling .to(): diffusers' ModelMixin.to warns about fp32-kept modules on every cast
@@ -423,7 +429,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-", suffix=".partial"))
     try:
         module = prepare_for_export(model, settings.dtype, settings.scan_form, settings.chunk_size,
-                                    settings.scan_dtype)
+                                    settings.scan_dtype, settings.query_key)
         log(f"exporting {type(model).__name__} ({describe_scan(settings)}, {settings.dtype}, batch {batch}, "
             f"{config.in_channels}x{settings.resolution}x{settings.resolution}, opset {settings.opset})")
         started = time.perf_counter()
@@ -480,7 +486,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, settings: ExportSettings,
 
 def describe_scan(settings: ExportSettings) -> str:
     if settings.scan_form == "linear-attention":
-        return f"scan as {settings.linear_attention} LinearAttention in {settings.scan_dtype}"
+        return (f"scan as {settings.linear_attention} LinearAttention in {settings.scan_dtype}, query and key "
+                f"{settings.query_key}")
     if settings.scan_form == "unrolled":
         return f"unrolled scan, chunks of {settings.chunk_size}"
     return "sequential scan"
@@ -488,7 +495,7 @@ def describe_scan(settings: ExportSettings) -> str:
 
 def _place_scan_ops(graph, settings: ExportSettings) -> dict[str, Any]:
     """Put the LinearAttention nodes in their domain (linear-attention form); the manifest's `scan` entry."""
-    from wdmctl.export.linear_attention import ATTRIBUTES, OP_TYPE, OPS, place_linear_attention
+    from wdmctl.export.linear_attention import ATTRIBUTES, OP_TYPE, OPS, mapping, place_linear_attention
 
     entry: dict[str, Any] = {"form": settings.scan_form}
     if settings.scan_form == "unrolled":
@@ -501,8 +508,8 @@ def _place_scan_ops(graph, settings: ExportSettings) -> dict[str, Any]:
     domain, version = OPS[settings.linear_attention]
     entry["linear_attention"] = {"op": settings.linear_attention, "domain": domain or "ai.onnx",
                                  "version": version, "nodes": nodes, "dtype": settings.scan_dtype, **ATTRIBUTES,
-                                 "mapping": "heads = d_inner, d_k = N, d_v = 1; query = C, key = B (per channel), "
-                                            "value = delta * u, decay = delta * A"}
+                                 "query_key": settings.query_key,
+                                 "mapping": mapping(settings.query_key)}
     return entry
 
 
