@@ -159,6 +159,23 @@ def _forward_range(h, start, stop, py, s_yl, pu, pdl, pz, pb, b, BATCH, L, NUM_E
 
 
 @triton.jit
+def _pre_gate_grad(go, zt, HAS_Z: tl.constexpr):
+    """g_t, the gradient of the output before the SiLU(z) gate: dy * silu(z), or dy without z."""
+    if HAS_Z:
+        return go * zt * _sigmoid(zt)
+    else:
+        return go
+
+
+@triton.jit
+def _state_grad_step(carry, g, Ct, dl, A2):
+    """One reverse step of dh_t = g_t C_t + e^{a_{t+1}} dh_{t+1}, from carry = e^{a_{t+1}} dh_{t+1}: returns dh_t
+    and the carry to the step before, e^{a_t} dh_t (delta already through bias/softplus)."""
+    dh = carry + g[None, :] * Ct[:, None]
+    return dh, tl.exp2(dl[None, :] * A2) * dh
+
+
+@triton.jit
 def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(delta, d delta / d raw) from the raw input: + delta_bias, then softplus."""
     if HAS_BIAS:
@@ -197,6 +214,22 @@ def _program_setup(u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     pf = f_ptr + b * L * DIM + offs_d
     ppart = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * L * N + offs_n
     return b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, ppart, tl.cdiv(L, CHUNK)
+
+
+@triton.jit
+def _segment_bounds(seg, L, T):
+    """[start, stop) of segment seg in scan steps; empty past the end."""
+    start = tl.minimum(seg * T, L)
+    return start, tl.minimum(start + T, L)
+
+
+@triton.jit
+def _slot_or_zero(ptr, b, slot, valid, NSEG, N, DIM, nd_off, mnd):
+    """Slot `slot` of row b of a (batch, NSEG - 1, N, DIM) carry buffer, or zeros where not `valid` (the first
+    segment has no state entering it, the last no gradient). The read is clamped to an existing slot and then
+    discarded: with one segment the buffer is never written, and uninitialised memory times 0 can be NaN."""
+    row = b * (NSEG - 1) + tl.maximum(tl.minimum(slot, NSEG - 2), 0)
+    return tl.where(valid, tl.load(ptr + row * N * DIM + nd_off, mask=mnd, other=0.0), 0.0)
 
 
 @triton.jit

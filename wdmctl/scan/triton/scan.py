@@ -98,9 +98,13 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, 
     return y
 
 
-def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=(), packed=None):
+def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid=(), packed=None,
+                   segmented=None):
     """All gradients: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the input was None.
-    A pair's rows write their own dz rows, added per direction here (as autograd adds two branches')."""
+    A pair's rows write their own dz rows, added per direction here (as autograd adds two branches').
+    `segmented` (segmented.py's SegmentedBackward) runs each pass in segments instead: it launches its kernels
+    with the plain kernels' arguments plus its own, and the partials of dA, dD and d(delta_bias) are per (row,
+    segment), rows * segments of them (rows here)."""
     batch, d, length = u.shape
     n = A.shape[-1]
     pair = A.dim() == 3
@@ -113,11 +117,15 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
     At, bc = packed or _pack(A, B, C)
     chunk = CHUNK  # read at call time, so tests can shrink it to cross chunk boundaries at small L
     nc = triton.cdiv(length, chunk)
+    if segmented is None:
+        nseg, kind = 1, "bwd"
+    else:  # tuned apart from the plain passes, per segment count
+        nseg, kind, key = segmented.count, "seg_bwd", (*key, segmented.count)
     dz = _empty_like_layout(z, batch=batch) if z is not None else None
     dzz = dz if dz is not None else dy  # never written when HAS_Z is off
     per_direction_rows = batch // 2 if pair else batch
     f = torch.empty(batch, length, d, device=dev, dtype=f32)
-    accf = torch.empty(batch, n, d, device=dev, dtype=f32)
+    accf = torch.empty(batch * nseg, n, d, device=dev, dtype=f32)
     ck = torch.empty(batch, nc, n, d, device=dev, dtype=f32)
     ds = torch.empty(batch, nc, d, device=dev, dtype=f32)
     common = (*_bdl(u), *_bdl(delta), *_bdl(zz), *_bdl(dy))
@@ -127,34 +135,40 @@ def _scan_backward(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reve
         bd = cfg[0]
         lane_sum = _lane_sum_flags(cfg, flags["NP"])
         out["dcp"] = torch.empty(batch, _partial_rows(cfg, d, lane_sum), length, n, device=dev, dtype=f32)
-        _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](
-            u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
-            per_direction_rows, d, length, n, *order.values(), *common, *_bdl(dzz), **flags, **lane_sum, BD=bd, CHUNK=chunk,
-            **_launch_options(cfg))
+        args = (u, delta, At, bc, D, zz, delta_bias, dy, dzz, f, out["dcp"], accf, ck, ds,
+                per_direction_rows, d, length, n, *order.values(), *common, *_bdl(dzz))
+        options = dict(**flags, **lane_sum, BD=bd, CHUNK=chunk, **_launch_options(cfg))
+        if segmented is None:
+            _scan_bwd1_kernel[(triton.cdiv(d, bd), batch)](*args, **options)
+        else:
+            segmented.pass1(cfg, args, options)
         out["dC"] = out["dcp"].sum(1)  # part of what a config costs (smaller BD, more partials): timed too
 
-    launch1(_choose("bwd1", key, batch * d, launch1, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
+    launch1(_choose(kind + "1", key, batch * d * nseg, launch1, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
 
     du = _empty_like_layout(u)
     ddelta = _empty_like_layout(delta)
-    dap = torch.empty(batch, n, d, device=dev, dtype=f32)
-    ddp = torch.empty(batch, d, device=dev, dtype=f32)
-    dbiasp = torch.empty(batch, d, device=dev, dtype=f32)
+    dap = torch.empty(batch * nseg, n, d, device=dev, dtype=f32)
+    ddp = torch.empty(batch * nseg, d, device=dev, dtype=f32)
+    dbiasp = torch.empty(batch * nseg, d, device=dev, dtype=f32)
 
     def launch2(cfg):
         bd = cfg[0]
         lane_sum = _lane_sum_flags(cfg, flags["NP"])
         out["dbp"] = torch.empty(batch, _partial_rows(cfg, d, lane_sum), length, n, device=dev, dtype=f32)
-        _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](
-            u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds,
-            du, ddelta, out["dbp"], dap, ddp, dbiasp,
-            per_direction_rows, d, length, n, *order.values(), *common, *_bdl(du), *_bdl(ddelta),
-            **flags, **lane_sum, BD=bd, CHUNK=chunk, **_launch_options(cfg))
+        args = (u, delta, At, bc, D, zz, delta_bias, dy, f, accf, ck, ds, du, ddelta, out["dbp"], dap, ddp, dbiasp,
+                per_direction_rows, d, length, n, *order.values(), *common, *_bdl(du), *_bdl(ddelta))
+        options = dict(**flags, **lane_sum, BD=bd, CHUNK=chunk, **_launch_options(cfg))
+        if segmented is None:
+            _scan_bwd2_kernel[(triton.cdiv(d, bd), batch)](*args, **options)
+        else:
+            segmented.pass2(cfg, args, options)
         out["dB"] = out["dbp"].sum(1)
 
-    launch2(_choose("bwd2", key, batch * d, launch2, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
+    launch2(_choose(kind + "2", key, batch * d * nseg, launch2, BWD_CONFIGS, DEFAULT_BWD_CONFIG))
 
-    # partial sums over channel blocks / batch rows: deterministic, unlike atomics
+    # partial sums over channel blocks / batch rows (and segments: row-major (row, segment), so a pair's first
+    # direction's come first, as _per_direction wants): deterministic, unlike atomics
     dB = out["dB"].to(B.dtype).transpose(1, 2)
     dC = out["dC"].to(C.dtype).transpose(1, 2)
     dA = _per_direction(dap, pair).transpose(-1, -2).to(A.dtype)

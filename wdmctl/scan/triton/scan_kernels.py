@@ -5,8 +5,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from wdmctl.scan.triton.common import (LN2, _delta, _forward_range, _load_step, _memory_index, _program_setup,
-                                       _sigmoid, _store_channel_sum)
+from wdmctl.scan.triton.common import (LN2, _delta, _forward_range, _load_step, _memory_index, _pre_gate_grad,
+                                       _program_setup, _segment_bounds, _sigmoid, _slot_or_zero, _state_grad_step,
+                                       _store_channel_sum)
 
 # ----------------------------------------------------------------------------------------------------
 # Forward
@@ -46,7 +47,7 @@ def _scan_fwd_kernel(
 # Backward pass 1: forward time. Recompute h; write dz, f = g * sum_n A C h, dC partials, chunk states.
 # ----------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", "T", "NSEG", *_CHANNEL_STRIDES])
 def _scan_bwd1_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     dz_ptr, f_ptr, dcp_ptr, accf_ptr, ck_ptr, ds_ptr,
@@ -56,19 +57,31 @@ def _scan_bwd1_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
     LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
+    carry_ptr=None, T=None, NSEG=None, SEGMENTED: tl.constexpr = False,
 ):
     """Scratch layouts (all fp32, channel-contiguous): f (B, L, D); dC partials (B, D-blocks, L, N);
     accF (B, N, D) = sum_t F_t * (delta summed from the chunk start to t); ck (B, chunks, N, D) = state
     at each chunk's last step (the last chunk's unused); ds (B, chunks, D) = delta summed over each chunk.
-    t indexes memory; the chunks are cut in scan order."""
+    t indexes memory; the chunks are cut in scan order.
+    SEGMENTED (the segmented backward, segmented.py): program_id(2) is a segment of T steps, T a multiple of
+    CHUNK, so that its chunks are this kernel's; it starts from the state entering it (carry_ptr: (B, NSEG - 1,
+    N, D), slot s for segment s + 1) and writes accF per (row, segment), (B * NSEG, N, D). The arguments
+    default to the plain kernel, which compiles without them."""
     b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdc, nc = _program_setup(
         u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dcp_ptr, BATCH, DIM, L, N,
         s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
     pdz = dz_ptr + b * s_dzb + offs_d * s_dzd
 
-    h = tl.zeros([NP, BD], dtype=tl.float32)
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        seg_start, seg_stop = _segment_bounds(seg, L, T)
+        h = _slot_or_zero(carry_ptr, b, seg - 1, seg > 0, NSEG, N, DIM, nd_off, mnd)
+        c_lo, c_hi, row = seg_start // CHUNK, tl.cdiv(seg_stop, CHUNK), b * NSEG + seg
+    else:
+        h = tl.zeros([NP, BD], dtype=tl.float32)
+        c_lo, c_hi, row = 0, nc, b
     accf = tl.zeros([NP, BD], dtype=tl.float32)
-    for c in range(nc):
+    for c in range(c_lo, c_hi):
         start = c * CHUNK
         stop = tl.minimum(start + CHUNK, L)
         # each chunk loads its first step afresh: nothing prefetched is carried across chunks (carrying B_t
@@ -108,13 +121,13 @@ def _scan_bwd1_kernel(
         # the chunk's delta sum and final state
         tl.store(ds_ptr + (b * nc + c) * DIM + offs_d, loc, mask=md)
         tl.store(ck_ptr + (b * nc + c) * N * DIM + nd_off, h, mask=mnd)
-    tl.store(accf_ptr + b * N * DIM + nd_off, accf, mask=mnd)
+    tl.store(accf_ptr + row * N * DIM + nd_off, accf, mask=mnd)
 
 # ----------------------------------------------------------------------------------------------------
 # Backward pass 2: reverse time. dh recurrence; du, ddelta, dB partials, dA, dD, d(delta_bias) per row.
 # ----------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", *_CHANNEL_STRIDES])
+@triton.jit(do_not_specialize=["BATCH", "DIM", "L", "N", "T", "NSEG", *_CHANNEL_STRIDES])
 def _scan_bwd2_kernel(
     u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr,
     f_ptr, accf_ptr, ck_ptr, ds_ptr,
@@ -126,24 +139,39 @@ def _scan_bwd2_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
     LANE_SUM: tl.constexpr, LANE_SUM_IO: tl.constexpr, PAIR: tl.constexpr, GRID_ROWS: tl.constexpr,
+    carry_ptr=None, T=None, NSEG=None, SEGMENTED: tl.constexpr = False,
 ):
     """Walks scan positions s = L-1 .. 0 (memory index t: _memory_index). `carry` holds
     e^{a_{s+1}} dh_{s+1}; S the A-weighted decay gradient sum_n A G_s, telescoped inside a chunk and
     reset exactly from the stored state at each chunk start; `loc` is delta summed from the chunk start
-    to s."""
+    to s. SEGMENTED: one segment (see _scan_bwd1_kernel), from the gradient carried into it from the segments
+    after it (carry_ptr, slot s = e^{a} dh at segment s + 1's first step; zero after the last segment); dA, dD
+    and d(delta_bias) partials per (row, segment)."""
     b, offs_d, md, offs_n, mn, mnd, nd_off, A2, bias, Dv, pu, pdl, pz, pg, pb, pf, pdb, nc = _program_setup(
         u_ptr, dl_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, go_ptr, f_ptr, dbp_ptr, BATCH, DIM, L, N,
         s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_gb, s_gd, HAS_D, HAS_BIAS, NP, BD, CHUNK, PAIR)
     pdu = du_ptr + b * s_dub + offs_d * s_dud
     pddl = ddl_ptr + b * s_ddb + offs_d * s_ddd
 
-    acc = tl.load(accf_ptr + b * N * DIM + nd_off, mask=mnd, other=0.0)
-    carry = tl.zeros([NP, BD], dtype=tl.float32)
-    S = tl.zeros([BD], dtype=tl.float32)
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        seg_start, seg_stop = _segment_bounds(seg, L, T)
+        c_lo, c_hi, row = seg_start // CHUNK, tl.cdiv(seg_stop, CHUNK), b * NSEG + seg
+        carry = _slot_or_zero(carry_ptr, b, seg, seg < NSEG - 1, NSEG, N, DIM, nd_off, mnd)
+        # S restarts from G at the next segment's first step, carry * (the state at this segment's last step,
+        # pass 1's of chunk c_hi - 1), as below after every chunk; the dA term G closes (G times this segment's
+        # last chunk's delta sum) is the next segment's program's to add
+        hlast = tl.load(ck_ptr + (b * nc + c_hi - 1) * N * DIM + nd_off, mask=mnd, other=0.0)
+        S = tl.sum(A2 * (carry * hlast), axis=0) * LN2
+    else:
+        c_lo, c_hi, row = 0, nc, b
+        carry = tl.zeros([NP, BD], dtype=tl.float32)
+        S = tl.zeros([BD], dtype=tl.float32)
+    acc = tl.load(accf_ptr + row * N * DIM + nd_off, mask=mnd, other=0.0)
     dd_acc = tl.zeros([BD], dtype=tl.float32)
     dbias_acc = tl.zeros([BD], dtype=tl.float32)
-    for ci in range(nc):
-        c = nc - 1 - ci
+    for ci in range(c_hi - c_lo):
+        c = c_hi - 1 - ci
         start = c * CHUNK
         stop = tl.minimum(start + CHUNK, L)
         loc = tl.load(ds_ptr + (b * nc + c) * DIM + offs_d, mask=md, other=0.0)
@@ -166,12 +194,8 @@ def _scan_bwd2_kernel(
                                                             DIM, md, HAS_Z, True, True, NP)
 
             dl, slope = _delta(raw, bias, HAS_BIAS, SOFTPLUS)
-            if HAS_Z:
-                g = go * zt * _sigmoid(zt)
-            else:
-                g = go
-            dh = carry + g[None, :] * Ct[:, None]
-            carry = tl.exp2(dl[None, :] * A2) * dh
+            g = _pre_gate_grad(go, zt, HAS_Z)
+            dh, carry = _state_grad_step(carry, g, Ct, dl, A2)
             dhb = dh * Bt[:, None]
             sdhb = tl.sum(dhb, axis=0)
             dtu = dl * u
@@ -197,6 +221,6 @@ def _scan_bwd2_kernel(
         G = carry * hprev
         acc += G * dsp[None, :]
         S = tl.sum(A2 * G, axis=0) * LN2
-    tl.store(dap_ptr + b * N * DIM + nd_off, acc, mask=mnd)
-    tl.store(ddp_ptr + b * DIM + offs_d, dd_acc, mask=md)
-    tl.store(dbiasp_ptr + b * DIM + offs_d, dbias_acc, mask=md)
+    tl.store(dap_ptr + row * N * DIM + nd_off, acc, mask=mnd)
+    tl.store(ddp_ptr + row * DIM + offs_d, dd_acc, mask=md)
+    tl.store(dbiasp_ptr + row * DIM + offs_d, dbias_acc, mask=md)
