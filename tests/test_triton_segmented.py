@@ -1,7 +1,8 @@
-"""The segmented forward (backend `triton-segmented`) against the fp64 oracle, and whole models on it against
-triton and torch. Same machinery and tolerances as tests/test_triton_scan.py (whose import sets
-TRITON_INTERPRET=1 without a GPU); the gradients go through the triton backend's backward, so the oracle
-checks them too. On CPU: Triton's interpreter at tiny shapes; `-m gpu`: the compiled kernels at model sizes."""
+"""The segmented scan (backend `triton-segmented`: forward and backward in segments) against the fp64 oracle,
+and whole models on it against triton and torch. Same machinery and tolerances as tests/test_triton_scan.py
+(whose import sets TRITON_INTERPRET=1 without a GPU). On CPU: Triton's interpreter at tiny shapes, with short
+backward chunks so that short sequences are cut into segments at all (backward segments are whole chunks);
+`-m gpu`: the compiled kernels at model sizes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import functools
 import pytest
 import torch
 
-from test_triton_scan import (CUDA, check, compare_with_oracle, interpreter, pair_case, scan_case,  # noqa: F401
-                              small_chunks, ts)
+from test_triton_scan import (CUDA, GRADS, check, compare_with_oracle, interpreter, pair_case, rel,  # noqa: F401
+                              scan_case, small_chunks, ts)
 
 needs_gpu = pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 
@@ -108,6 +109,148 @@ def test_interpreter_segmented_without_options(interpreter, small_chunks, segmen
     check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp segmented no options")
 
 
+# ----------------------------------------------------------------------------------------------------
+# The segmented backward (CPU, interpreter)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def chunk(monkeypatch):
+    """Set the backward's chunk length in steps: call with it. Backward segments are whole chunks, so a
+    sequence of L steps is cut into at most cdiv(L, chunk) of them."""
+    def use(steps):
+        monkeypatch.setattr(ts, "CHUNK", steps)
+    return use
+
+
+@pytest.fixture
+def backward_counts(monkeypatch):
+    """The segment count of every backward that ran in segments (a plain backward, S = 1, adds nothing)."""
+    counts = []
+    init = ts.SegmentedBackward.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        counts.append(self.count)
+
+    monkeypatch.setattr(ts.SegmentedBackward, "__init__", spy)
+    return counts
+
+
+def test_backward_segments_are_whole_chunks():
+    if ts is None:
+        pytest.skip("triton is not installed")
+    for chunk in (1, 2, 8, 64):
+        for length in range(1, 300, 7):
+            for wanted in (1, 2, 3, 5, 17, 400):
+                count, steps = ts.backward_segments(1, 1, length, wanted, chunk)
+                assert steps % chunk == 0 and 1 <= count <= min(wanted, length), (chunk, length, wanted)
+                assert (count - 1) * steps < length <= count * steps, (chunk, length, wanted)   # none empty
+    assert ts.backward_segments(16, 1024, 1026, 8, 64) == (6, 192)   # 8 asked: segments of 3 chunks
+    assert ts.backward_segments(2, 5, 7, 3, 8) == (1, 8)             # shorter than a chunk: not cut
+
+
+BACKWARD_CASES = [  # (L, S asked, chunk, S the backward runs: segment lengths, reverse, layout, dtype)
+    (1, 3, 1, 1, True, "model", torch.float32),          # one step: nothing to cut
+    (7, 2, 2, 2, False, "contiguous", torch.float32),    # 4 + 3
+    (7, 3, 1, 3, True, "model", torch.float32),          # 3 + 3 + 1
+    (7, 5, 1, 4, False, "strided", torch.bfloat16),      # 2 + 2 + 2 + 1
+    (33, 2, 8, 2, True, "model", torch.float32),         # 24 + 9
+    (33, 3, 8, 3, False, "model", torch.bfloat16),       # 16 + 16 + 1
+    (33, 5, 2, 5, True, "model", torch.float32),         # 4 x 8 + 1
+    (130, 2, 64, 2, False, "model", torch.float32),      # the code's 64-step chunks: 128 + 2
+    (130, 3, 64, 3, True, "model", torch.bfloat16),      # 64 + 64 + 2
+    (130, 5, 8, 5, False, "contiguous", torch.float32),  # 4 chunks a segment: 4 x 32 + 2
+]
+
+
+@pytest.mark.parametrize("length,count,steps,ran,reverse,layout,dtype", BACKWARD_CASES)
+def test_interpreter_segmented_backward_matches_oracle(interpreter, segments, chunk, backward_counts, length, count,
+                                                       steps, ran, reverse, layout, dtype):
+    # every gradient (u, delta, A, B, C, D, z, delta_bias) vs the fp64 oracle; d = 5 of a 64-channel block
+    segments(count)
+    chunk(steps)
+    x = scan_case(length, batch=2, d=5, n=3, dtype=dtype, layout=layout)
+    check(compare_with_oracle(x, "cpu", reverse=reverse), *tolerances(dtype),
+          f"interp segmented backward L={length} S={count} chunk={steps} rev={reverse} {layout} {dtype}")
+    assert backward_counts == ([ran] if ran > 1 else [])
+
+
+def test_interpreter_segmented_backward_channel_blocks(interpreter, segments, chunk, backward_counts, monkeypatch):
+    # 20 channels in blocks of 16: two programs per (row, segment), so two rows of dB / dC partials per step
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", (16, 1))
+    segments(3)
+    chunk(4)
+    x = scan_case(19, batch=2, d=20, n=3)
+    check(compare_with_oracle(x, "cpu", reverse=True), 5e-5, 5e-4, "interp segmented backward BD=16")
+    assert backward_counts == [3]
+
+
+@pytest.mark.parametrize("pair,reverse,count,ran,dtype", [(False, True, 5, 5, torch.float32),
+                                                          (True, False, 3, 3, torch.float32),
+                                                          (True, True, 5, 5, torch.bfloat16),
+                                                          (False, False, 3, 3, torch.bfloat16)])
+def test_interpreter_segmented_backward_column_order_and_pairs(interpreter, segments, chunk, backward_counts, pair,
+                                                               reverse, count, ran, dtype):
+    # 18 = 2 + 4 x 4 tokens in 2-step chunks: S 3 cuts 6 + 6 + 6, S 5 cuts 4 + 4 + 4 + 4 + 2
+    segments(count)
+    chunk(2)
+    x = pair_case(18, batch=1, d=5, n=3, dtype=dtype) if pair else scan_case(18, batch=2, d=5, n=3, dtype=dtype)
+    check(compare_with_oracle(x, "cpu", reverse=reverse, column_grid=(2, 4, 4)), *tolerances(dtype),
+          f"interp segmented backward column S={count} rev={reverse} pair={pair} {dtype}")
+    assert backward_counts == [ran]
+
+
+@pytest.mark.parametrize("drop,softplus", [(("z",), True), (("D",), True), (("delta_bias",), True),
+                                           (("z", "D", "delta_bias"), False)])
+def test_interpreter_segmented_backward_without_options(interpreter, segments, chunk, backward_counts, drop,
+                                                        softplus):
+    segments(3)
+    chunk(4)   # 19 steps: 8 + 8 + 3
+    x = scan_case(19, batch=2, d=3, n=4, layout="model", drop=drop, softplus=softplus)
+    check(compare_with_oracle(x, "cpu", softplus=softplus), 5e-5, 5e-4,
+          f"interp segmented backward drop={drop} softplus={softplus}")
+    assert backward_counts == [3]
+
+
+def scan_outputs_and_gradients(x, device, **options):
+    """selective_scan's output and every gradient (None where the input is None) for one set of leaves."""
+    from wdmctl.scan import selective_scan
+
+    ins = {k: (v.to(device).detach().requires_grad_(True) if v is not None else None) for k, v in x.items()}
+    out = selective_scan(**ins, delta_softplus=True, **options)
+    out.float().square().sum().backward()
+    return [out] + [ins[k].grad if ins[k] is not None else None for k in GRADS]
+
+
+def test_interpreter_segmented_backward_is_deterministic(interpreter, chunk, backward_counts, monkeypatch):
+    # through the interface (backend="triton-segmented", segments=5): two runs agree bit for bit
+    from wdmctl.scan import BACKENDS
+
+    monkeypatch.setattr(BACKENDS["triton-segmented"], "is_available", lambda: True)
+    monkeypatch.setattr(BACKENDS["triton-segmented"], "devices", ("cpu",))
+    chunk(2)
+    x = pair_case(18, batch=1, d=5, n=3, dtype=torch.bfloat16)
+    runs = [scan_outputs_and_gradients(x, "cpu", backend="triton-segmented", segments=5, column_grid=(2, 4, 4))
+            for _ in range(2)]
+    assert backward_counts == [5, 5]
+    for name, first, second in zip(("y", *GRADS), *runs):
+        assert torch.equal(first, second), name
+
+
+def test_interpreter_one_segment_is_the_plain_backward(interpreter, small_chunks, backward_counts):
+    # segments=1 runs the triton backend's kernels: its results, bit for bit
+    x = scan_case(33, batch=2, d=5, n=3, dtype=torch.bfloat16)
+    results = []
+    for scan in (ts.selective_scan_triton, functools.partial(ts.selective_scan_segmented, segments=1)):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        out = scan(**leaves, delta_softplus=True, reverse=True)
+        out.float().square().sum().backward()
+        results.append([out] + [leaves[k].grad for k in GRADS])
+    assert backward_counts == []
+    for name, first, second in zip(("y", *GRADS), *results):
+        assert torch.equal(first, second), name
+
+
 def model_results(device, options, backends=("triton-segmented", "triton", "torch")):
     """A tiny umamba's output and every parameter's gradient per backend (as check_options_on_backends)."""
     from wdmctl.models.wdmamba import WDMamba
@@ -189,3 +332,76 @@ def test_gpu_segmented_default_count_and_every_config(monkeypatch):
 def test_gpu_model_segmented_matches_triton_and_torch(monkeypatch, options):
     monkeypatch.setenv("WDM_TRITON_SCAN_SEGMENTS", "3")
     model_results("cuda", options)
+
+
+@pytest.mark.parametrize("length,count,ran", [(258, 2, 2), (258, 5, 5), (1026, 4, 4), (1026, 17, 17),
+                                              (4100, 33, 33)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_segmented_backward_matches_oracle(segments, backward_counts, length, count, ran, reverse, dtype):
+    # the code's 64-step chunks: 258 / 5 cuts 4 x 64 + 2, 1026 / 17 cuts 16 x 64 + 2, 4100 / 33 cuts 32 x 128 + 4
+    segments(count)
+    x = scan_case(length, batch=2, d=96, n=16, dtype=dtype)
+    check(compare_with_oracle(x, "cuda", reverse=reverse), *tolerances(dtype),
+          f"gpu segmented backward L={length} S={count} rev={reverse} {dtype}")
+    assert backward_counts == [ran]
+
+
+@pytest.mark.parametrize("cfg", ts.BWD_CONFIGS if ts else [])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_segmented_backward_every_config(segments, backward_counts, monkeypatch, cfg):
+    # every backward config the tuner may pick, PTX lane sums and capped registers included; d = 96 leaves a
+    # partial 32-channel group and a partial block
+    monkeypatch.setattr(ts, "DEFAULT_BWD_CONFIG", cfg)
+    segments(8)
+    x = scan_case(1026, batch=2, d=96, n=16, dtype=torch.bfloat16)
+    check(compare_with_oracle(x, "cuda", reverse=True), 1e-2, 1e-2, f"gpu segmented backward cfg={cfg}")
+    assert backward_counts == [6]   # 8 asked: segments of 3 chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("count", [3, 5])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_segmented_backward_column_order_and_pairs(segments, backward_counts, dtype, reverse, pair, count):
+    segments(count)
+    x = pair_case(258, batch=1, d=96, n=16, dtype=dtype) if pair else scan_case(258, batch=2, d=96, n=16, dtype=dtype)
+    check(compare_with_oracle(x, "cuda", reverse=reverse, column_grid=(2, 16, 16)), *tolerances(dtype),
+          f"gpu segmented backward column S={count} rev={reverse} pair={pair} {dtype}")
+    assert backward_counts == [count]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
+@pytest.mark.parametrize("count", [None, 8])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_segmented_backward_matches_triton_at_model_size(backward_counts, dtype, tol, count):
+    # the shape the segmented backward is for (batch 16 x d_inner 1024 x 1026 tokens, the model's layout; S
+    # from the default rule, and 8), against the plain triton backward on the same inputs; the tuner runs
+    from wdmctl.bench.scan import scan_inputs
+
+    x = scan_inputs(16, 1024, 1026, 16, dtype, "model", seed=3)
+    plain = scan_outputs_and_gradients(x, "cuda", backend="triton")
+    seg = scan_outputs_and_gradients(x, "cuda", backend="triton-segmented", segments=count)
+    assert len(backward_counts) == 1 and backward_counts[0] > 1
+    errs = {name: rel(a, b) for name, a, b in zip(("y", *GRADS), seg, plain) if b is not None}
+    check(errs, tol, tol, f"gpu segmented vs triton 16x1024x1026 S={count} {dtype}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_segmented_backward_is_deterministic(backward_counts):
+    # two runs agree bit for bit (partial sums per segment reduced by torch, no atomics), and the outputs and
+    # gradients keep the inputs' channel-contiguous layout
+    x = {k: (v.cuda() if v is not None else None)
+         for k, v in scan_case(1026, batch=4, d=256, dtype=torch.bfloat16).items()}
+    runs = [scan_outputs_and_gradients(x, "cuda", backend="triton-segmented", segments=6) for _ in range(2)]
+    assert backward_counts == [6, 6]
+    assert runs[0][0].stride(1) == 1 and runs[0][1].stride(1) == 1
+    for name, first, second in zip(("y", *GRADS), *runs):
+        assert torch.equal(first, second), name

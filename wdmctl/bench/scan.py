@@ -101,8 +101,8 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                    segments=(None,), convs: bool = True) -> dict[str, Any]:
     """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
     triton backend, where its time goes (per-kernel profile). triton-segmented is timed once per entry of
-    `segments` (None: its default count; the row says which S ran); `convs=False` leaves out the conv1d and
-    2-D conv tables."""
+    `segments` (None: its default count; the row says which S the forward and the backward ran with);
+    `convs=False` leaves out the conv1d and 2-D conv tables."""
     usable = available_backends("cuda")
     esize = torch.empty((), dtype=dtype).element_size()
     rows = []
@@ -116,9 +116,12 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                            dtype=str(dtype).replace("torch.", ""))
                 options = {}
                 if backend == "triton-segmented":
-                    from wdmctl.scan.triton.segmented import segment_count  # triton: heavy, optional
+                    from wdmctl.scan.triton.common import CHUNK  # triton: heavy, optional
+                    from wdmctl.scan.triton.segmented import backward_segments, segment_count
 
                     row["segments"] = segment_count(batch, d, length, count)
+                    # the backward's segments are whole chunks: as many or fewer
+                    row["backward_segments"] = backward_segments(batch, d, length, row["segments"], CHUNK)[0]
                     options["segments"] = row["segments"]
                 if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
                     row["skipped"] = "too slow and too big for the chunked PyTorch scan at this size"

@@ -117,8 +117,8 @@ register_backend(ScanBackend(
 register_backend(dataclasses.replace(BACKENDS["triton"], name="triton-unfused", reads_column_order=False,
                                      selective_scan_pair=None, causal_conv1d_pair=None, priority=15))
 
-# The same kernels with the segmented forward (segmented.py: the sequence cut into segments scanned in parallel,
-# with a carry pass) and the same backward. Behind its own name until an H200 run says when it wins; `auto`
+# The same kernels in segments (segmented.py: the sequence cut into segments scanned in parallel, forward and
+# backward, with carry passes between them). Behind its own name until an H200 run says when it wins; `auto`
 # never picks it (priority below triton's and mamba_ssm's).
 from wdmctl.scan.triton.segmented import selective_scan_segmented  # noqa: E402 - after the triton backend above
 
