@@ -305,14 +305,17 @@ def test_gpu_segmented_matches_oracle(segments, length, count, reverse, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("pair", [False, True])
-@pytest.mark.parametrize("count", [3, 8])
+@pytest.mark.parametrize("count,backward_count", [(3, 3), (8, 5)])
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_segmented_column_order_and_pairs(segments, dtype, reverse, pair, count):
+def test_gpu_segmented_column_order_and_pairs(segments, backward_counts, dtype, reverse, pair, count,
+                                              backward_count):
+    # the backward cuts whole 64-step chunks: 3 asked gives 128 + 128 + 2, 8 asked 4 x 64 + 2
     segments(count)
     x = pair_case(258, batch=1, d=96, n=16, dtype=dtype) if pair else scan_case(258, batch=2, d=96, n=16, dtype=dtype)
     check(compare_with_oracle(x, "cuda", reverse=reverse, column_grid=(2, 16, 16)), *tolerances(dtype),
           f"gpu segmented column S={count} rev={reverse} pair={pair} {dtype}")
+    assert backward_counts == [backward_count]
 
 
 @pytest.mark.gpu
@@ -360,20 +363,6 @@ def test_gpu_segmented_backward_every_config(segments, backward_counts, monkeypa
     x = scan_case(1026, batch=2, d=96, n=16, dtype=torch.bfloat16)
     check(compare_with_oracle(x, "cuda", reverse=True), 1e-2, 1e-2, f"gpu segmented backward cfg={cfg}")
     assert backward_counts == [6]   # 8 asked: segments of 3 chunks
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("pair", [False, True])
-@pytest.mark.parametrize("count", [3, 5])
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_segmented_backward_column_order_and_pairs(segments, backward_counts, dtype, reverse, pair, count):
-    segments(count)
-    x = pair_case(258, batch=1, d=96, n=16, dtype=dtype) if pair else scan_case(258, batch=2, d=96, n=16, dtype=dtype)
-    check(compare_with_oracle(x, "cuda", reverse=reverse, column_grid=(2, 16, 16)), *tolerances(dtype),
-          f"gpu segmented backward column S={count} rev={reverse} pair={pair} {dtype}")
-    assert backward_counts == [count]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-3)])
