@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's scaling table in one run on one GPU (about 8 minutes on an H200): WDM-B/2 as the presets define it
-# (scan "cycle", mixer_conv "2d", the triton scan and the fused 2-D conv) against UViT-B/2 (PyTorch SDPA) at
+# (scan "cycle", the triton scan, no local conv since issue 15's stripe ablation) against UViT-B/2 (PyTorch SDPA) at
 # 256, 1,024 and 4,096 tokens (latent sides 32, 64 and 128 at patch 2): training images/s and peak memory at
 # batches 64 / 32 / 8, and 50-step DPM-Solver++ sampling at batch 64, each replayed as CUDA graphs and eager;
 # every JSON holds each WD-Mamba / U-ViT ratio ("versus_uvit") and the length where WD-Mamba overtakes

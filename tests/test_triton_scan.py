@@ -212,6 +212,62 @@ def test_interpreter_pair_without_column_order(interpreter, small_chunks):
     check(compare_with_oracle(x, "cpu", reverse=True), 5e-5, 5e-4, "interp pair")
 
 
+@pytest.mark.parametrize("pair", [False, True])
+def test_interpreter_token_major_copies_match_the_model_layout(interpreter, small_chunks, pair):
+    """Contiguous (batch, d, L) inputs with `token_major_copies`: the kernels run on token-major copies, so the
+    output and every gradient (back through the copies to the contiguous leaves) are bit-identical to the call
+    on the model's layout, and y comes back as a view of token-major memory."""
+    x = pair_case(11, batch=1, d=5, n=3) if pair else scan_case(11, batch=2, d=5, n=3)
+    contiguous = {k: v.contiguous() for k, v in x.items()}
+    assert contiguous["u"].stride(2) == 1 and x["u"].stride(1) == 1
+    dy = None
+    results = []
+    for inputs, copies in ((x, False), (contiguous, True)):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}   # the inputs' own strides
+        y = ts.selective_scan_triton(**leaves, delta_softplus=True, reverse=True, token_major_copies=copies)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) if dy is None else dy
+        y.backward(dy)
+        results.append((y, {k: v.grad for k, v in leaves.items()}, leaves))
+    (y_model, grads_model, _), (y_copies, grads_copies, leaves) = results
+    assert y_copies.stride(1) == 1 and leaves["u"].stride(2) == 1
+    assert torch.equal(y_copies, y_model)
+    for k in GRADS:
+        assert torch.equal(grads_copies[k], grads_model[k]), k
+
+
+@needs_triton
+def test_token_major_copies_only_what_is_not_channel_contiguous():
+    token_major = ts.token_major
+    channel_contiguous = torch.randn(2, 7, 5).transpose(1, 2)   # (2, 5, 7) view of (2, 7, 5) memory
+    assert token_major(channel_contiguous) is channel_contiguous and token_major(None) is None
+    contiguous = torch.randn(2, 5, 7)
+    copied = token_major(contiguous)
+    assert copied.stride(1) == 1 and torch.equal(copied, contiguous)
+    one_channel = torch.randn(2, 1, 7)
+    assert token_major(one_channel) is one_channel
+
+
+def test_bench_scan_times_token_major_copies_for_triton_only():
+    # `bench scan --layouts model,contiguous,contiguous-token-major`: the calling layout is a triton row on
+    # contiguous inputs, compared with mamba_ssm on the same contiguous inputs
+    from wdmctl.bench.scan import _speedups, _variants, scan_inputs
+
+    every = ("model", "contiguous", "contiguous-token-major")
+    assert [v[0] for v in _variants("triton", every, (None,))] == list(every)
+    assert [v[0] for v in _variants("mamba_ssm", every, (None,))] == ["model", "contiguous"]
+    assert [v[0] for v in _variants("triton-segmented", every, (None,))] == ["model", "contiguous"]
+    x = scan_inputs(1, 4, 6, 2, torch.float32, "contiguous-token-major", device="cpu")
+    assert x["u"].is_contiguous() and x["z"].is_contiguous()
+    shape = dict(batch=64, d_inner=3072, length=258)
+    rows = [dict(shape, backend=b, layout=layout, forward_ms=1.0, forward_backward_ms=ms) for b, layout, ms in (
+        ("mamba_ssm", "model", 10.0), ("mamba_ssm", "contiguous", 9.0), ("triton", "model", 2.5),
+        ("triton", "contiguous", 4.5), ("triton", "contiguous-token-major", 3.0))]
+    (entry,) = _speedups(rows)
+    assert entry["forward_backward_x"] == 3.6 and entry["mamba_ssm_best_layout"] == "contiguous"
+    assert entry["forward_backward_x_contiguous_layout"] == 2.0
+    assert entry["forward_backward_x_contiguous_token_major_layout"] == 3.0
+
+
 def test_interpreter_scan_without_options(interpreter, small_chunks):
     x = scan_case(11, batch=2, d=3, n=4, layout="contiguous", drop=("z", "D", "delta_bias"), softplus=False)
     check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp no options")

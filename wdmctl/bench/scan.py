@@ -4,7 +4,8 @@ Inputs are laid out the way WD-Mamba's mixer passes them: u, delta and z are (ba
 (batch, L, d) memory (z a half of in_proj's output), B and C views of x_proj's (batch, L, R + 2N) output.
 mamba_ssm and triton are also timed on contiguous (batch, d, L) copies, the layout mamba_ssm's kernel wants
 (that is how the baseline in ../shared/device/README.md was measured, and what other callers of the interface
-pass), so both layouts' numbers are on record for both. Beside them: the causal conv1d and the 2-D local conv
+pass), so both layouts' numbers are on record for both; triton also as contiguous-token-major (the same
+contiguous inputs copied into token-major memory first: `token_major_copies`, copies and all timed). Beside them: the causal conv1d and the 2-D local conv
 (`mixer_conv = "2d"`, fused against its PyTorch expression) at the same sizes.
 """
 
@@ -21,7 +22,9 @@ from wdmctl.scan.mamba_ssm_scan import _has, causal_conv1d_mamba
 from wdmctl.scan.torch_scan import causal_conv1d_torch
 
 DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072, 1026))
-LAYOUTS = ("model", "contiguous")
+LAYOUTS = ("model", "contiguous", "contiguous-token-major")
+# a layout that is a way of calling the triton backend: the inputs' layout, and the option that says how
+CALLING_LAYOUTS = {"contiguous-token-major": ("contiguous", {"token_major_copies": True})}
 TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only
 
 
@@ -29,7 +32,9 @@ def scan_inputs(batch: int, d: int, length: int, n: int = 16, dtype=torch.bfloat
                 device="cuda", seed: int = 0) -> dict[str, torch.Tensor]:
     """Random scan inputs with Mamba-like statistics (softplus(delta + bias) in [1e-3, 0.1], A = -(1..N)).
 
-    layout "model": the strided views the model passes; "contiguous": (batch, d, L) contiguous copies."""
+    layout "model": the strided views the model passes; "contiguous": (batch, d, L) contiguous copies
+    (a calling layout, CALLING_LAYOUTS: its inputs' layout)."""
+    layout = CALLING_LAYOUTS.get(layout, (layout,))[0]
     g = torch.Generator(device=device).manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -114,7 +119,7 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
             for layout, count in _variants(backend, layouts, segments):
                 row = dict(backend=backend, layout=layout, batch=batch, d_inner=d, length=length, d_state=n,
                            dtype=str(dtype).replace("torch.", ""))
-                options = {}
+                options = dict(CALLING_LAYOUTS.get(layout, (None, {}))[1])
                 if backend == "triton-segmented":
                     from wdmctl.scan.triton.common import CHUNK  # triton: heavy, optional
                     from wdmctl.scan.triton.segmented import backward_segments, segment_count
@@ -167,7 +172,8 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
 
 def _variants(backend: str, layouts, segments) -> list[tuple[str, int | None]]:
     """(layout, segment count) pairs to time for a backend: torch in the model's layout only, triton-segmented
-    once per segment count (None: its default), the others once per layout."""
+    once per segment count (None: its default), the others once per layout; calling layouts for triton only."""
+    layouts = [layout for layout in layouts if backend == "triton" or layout not in CALLING_LAYOUTS]
     layouts = layouts if backend != "torch" else ("model",)
     counts = segments if backend == "triton-segmented" else (None,)
     return [(layout, count) for layout in layouts for count in counts]
@@ -209,10 +215,11 @@ def _speedups(rows: list[dict]) -> list[dict]:
             "forward_backward_x": round(best["forward_backward_ms"] / tri["forward_backward_ms"], 2),
             "mamba_ssm_best_layout": best["layout"],
         }
-        for layout in LAYOUTS:
-            mine, theirs = by.get(("triton", layout)), by.get(("mamba_ssm", layout))
+        for layout in LAYOUTS:   # a calling layout against mamba_ssm on the same inputs
+            mine = by.get(("triton", layout))
+            theirs = by.get(("mamba_ssm", CALLING_LAYOUTS.get(layout, (layout,))[0]))
             if mine and theirs:
-                entry[f"forward_backward_x_{layout}_layout"] = round(
+                entry[f"forward_backward_x_{layout.replace('-', '_')}_layout"] = round(
                     theirs["forward_backward_ms"] / mine["forward_backward_ms"], 2)
         out.append(entry)
     return out

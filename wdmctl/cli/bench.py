@@ -252,8 +252,9 @@ def bench_scan(
     backends: str = typer.Option("torch,mamba_ssm,triton", help="Scan backends to time (unavailable ones are skipped)."),
     iters: int = typer.Option(10, min=1, help="Timed groups of 5 back-to-back calls (median per call reported)."),
     profile: bool = typer.Option(True, help="Add a per-kernel GPU-time profile of the triton backend."),
-    layouts: str = typer.Option("model,contiguous", help="Input layouts: model (the mixer's strided views), "
-                                "contiguous ((batch, d, L) copies)."),
+    layouts: str = typer.Option("model,contiguous,contiguous-token-major", help="Input layouts: model (the mixer's "
+                                "strided views), contiguous ((batch, d, L) copies), contiguous-token-major (triton "
+                                "only: those copied to token-major memory first, the copies timed)."),
     segments: str = typer.Option("default", help="Segment counts to time triton-segmented with (comma-separated; "
                                  "`default`: its own choice)."),
     convs: bool = typer.Option(True, help="Time the causal conv1d and the 2-D conv beside the scan."),

@@ -47,15 +47,32 @@ from wdmctl.scan.triton.scan import _SelectiveScanFn, scan_arguments
 MAX_CONV_WIDTH = 4  # the conv kernels unroll up to 4 taps; `ScanBackend.max_conv_width` routes wider ones
 
 
+def token_major(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x (batch, d, L) as a view of (batch, L, d) memory, the layout in which each step's channels are
+    adjacent and the kernels' loads coalesce: one copy when x is not channel-contiguous (mamba-ssm's
+    contiguous (batch, d, L), where a step's channels lie L elements apart), else x itself."""
+    if x is None or x.stride(1) == 1 or x.shape[1] == 1:
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          reverse=False, column_grid=None, **_):
+                          reverse=False, column_grid=None, token_major_copies=False, **_):
     """The selective scan (wdmctl.scan's semantics) with our Triton kernels; differentiable. The column-major
     token order is read in place (no permuted copies). A of shape (2, d, N) makes it wdmctl.scan's
     selective_scan_pair: both directions in one launch per kernel, stacked on the batch axis so the kernels
     see twice the programs, each picking its direction's parameters; z is shared and its two gradients are
-    added in the backward."""
+    added in the backward.
+
+    Any strides are read as given. `token_major_copies` first copies u, delta and z that are not
+    channel-contiguous into (batch, L, d) memory (`token_major`), so that callers with contiguous (batch, d, L)
+    tensors run the kernels on the layout they are fastest on; y (and, through autograd, the copies' gradients)
+    then come back as views of token-major memory. Whether the copies pay is measured by `bench scan`'s
+    contiguous-token-major rows, so it is not the default."""
     if u.numel() == 0:
         return torch.empty_like(u)
+    if token_major_copies:
+        u, delta, z = token_major(u), token_major(delta), token_major(z)
     A, D, delta_bias, grid = scan_arguments(A, D, delta_bias, column_grid)
     scan = _scan_op if torch.compiler.is_compiling() else _SelectiveScanFn.apply
     return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid)
