@@ -25,6 +25,11 @@ DEFAULT_SHAPES = ((64, 1024, 258), (64, 3072, 258), (64, 1024, 1026), (64, 3072,
 LAYOUTS = ("model", "contiguous", "contiguous-token-major")
 # a layout that is a way of calling the triton backend: the inputs' layout, and the option that says how
 CALLING_LAYOUTS = {"contiguous-token-major": ("contiguous", {"token_major_copies": True})}
+
+
+def input_layout(layout: str) -> str:
+    """The layout of the inputs a (calling) layout's rows are timed on."""
+    return CALLING_LAYOUTS.get(layout, (layout,))[0]
 TORCH_MAX_ELEMENTS = 64 * 1024 * 258  # the chunked torch scan keeps (b, d, T, T, N) per chunk: small shapes only
 
 
@@ -34,7 +39,7 @@ def scan_inputs(batch: int, d: int, length: int, n: int = 16, dtype=torch.bfloat
 
     layout "model": the strided views the model passes; "contiguous": (batch, d, L) contiguous copies
     (a calling layout, CALLING_LAYOUTS: its inputs' layout)."""
-    layout = CALLING_LAYOUTS.get(layout, (layout,))[0]
+    layout = input_layout(layout)
     g = torch.Generator(device=device).manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -217,7 +222,7 @@ def _speedups(rows: list[dict]) -> list[dict]:
         }
         for layout in LAYOUTS:   # a calling layout against mamba_ssm on the same inputs
             mine = by.get(("triton", layout))
-            theirs = by.get(("mamba_ssm", CALLING_LAYOUTS.get(layout, (layout,))[0]))
+            theirs = by.get(("mamba_ssm", input_layout(layout)))
             if mine and theirs:
                 entry[f"forward_backward_x_{layout.replace('-', '_')}_layout"] = round(
                     theirs["forward_backward_ms"] / mine["forward_backward_ms"], 2)

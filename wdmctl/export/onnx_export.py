@@ -115,8 +115,9 @@ class ExportSettings:
         chunk = self.chunk_size if self.scan_form == "unrolled" else 1
         choice = query_key = None
         if self.scan_form == "linear-attention":
-            choice = resolve_choice(self.linear_attention, default_provider(), self.opset)
-            query_key = resolve_query_key(self.query_key, choice, default_provider())
+            provider = default_provider()
+            choice = resolve_choice(self.linear_attention, provider, self.opset)
+            query_key = resolve_query_key(self.query_key, choice, provider)
         opset = self.opset or (OPS["standard"][1] if choice == "standard" else DEFAULT_OPSET)
         check_opset(opset, self.dtype)
         if choice == "standard" and opset < OPS["standard"][1]:
