@@ -142,6 +142,25 @@ def test_report_solo_speed_turns_images_into_gpu_minutes(tmp_path):
     assert "| 12000 | 3.0 |" in (tmp_path / "p" / "report.md").read_text()
 
 
+def test_report_solo_speed_merges_files_and_refuses_a_preset_timed_twice(tmp_path):
+    # arms added in a later session bring their own solo-speed JSON: each preset is read from the file that has it
+    wdm = shared_gpu_run(tmp_path / "wdm", "WDM-S/2", 600, 9.0)
+    dim = shared_gpu_run(tmp_path / "dim", "DiM-S/2", 600, 9.0)
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"results": [{"preset": "WDM-S/2", "images_per_s": 100.0}]}))
+    second.write_text(json.dumps({"results": [{"preset": "DiM-S/2", "images_per_s": 50.0}]}))
+    result = invoke(["report", str(wdm), str(dim), "--out", str(tmp_path / "r"), "--solo-speed", str(first),
+                     "--solo-speed", str(second)])
+    assert result.exit_code == 0, result.stderr
+    table = (tmp_path / "r" / "report.md").read_text()
+    assert "| 12000 | 2.0 |" in table and "| 12000 | 4.0 |" in table   # 12,000 images at 100 and at 50 images/s
+    second.write_text(json.dumps({"results": [{"preset": "WDM-S/2", "images_per_s": 90.0}]}))
+    twice = invoke(["report", str(wdm), "--out", str(tmp_path / "t"), "--solo-speed", str(first),
+                    "--solo-speed", str(second)])
+    assert twice.exit_code != 0 and "WDM-S/2 is timed in both" in twice.stderr
+    assert "Traceback" not in twice.stderr and not (tmp_path / "t").exists()
+
+
 def test_report_solo_speed_errors_name_the_problem(tmp_path):
     run = shared_gpu_run(tmp_path / "run", "DiM-S/2", 10, 1.0)
     bench = tmp_path / "bench.json"

@@ -12,8 +12,9 @@ Training time is summed from the loss records' seconds per step, so it needs no 
 same after a resume.
 
 Runs that shared one GPU (arms side by side under MPS) did not have the GPU to themselves, so their wall time
-is not their GPU time. `solo_speed` names a `wdmctl bench train --out` JSON timed on the idle GPU: each run's
-time axis then becomes GPU-minutes at that solo speed, images seen / (its preset's images/s) / 60.
+is not their GPU time. `solo_speed` names one or more `wdmctl bench train --out` JSONs timed on the idle GPU (arms
+added in a later session bring their own): each run's time axis then becomes GPU-minutes at its preset's solo
+speed, images seen / (its preset's images/s) / 60.
 """
 
 from __future__ import annotations
@@ -100,27 +101,36 @@ def read_run(path: Path, label: str) -> RunCurves:
     return curves
 
 
-def solo_speeds(path: str | Path) -> dict[str, float]:
-    """Preset -> training images/s from a `wdmctl bench train --out` JSON (the fastest row of each preset)."""
-    try:
-        rows = json.loads(Path(path).read_text()).get("results", [])
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        raise WdmError(f"{path}: not a `wdmctl bench train --out` JSON ({error})") from None
+def solo_speeds(paths: str | Path | list[str | Path]) -> dict[str, float]:
+    """Preset -> training images/s from `wdmctl bench train --out` JSONs (the fastest row of each preset). A
+    preset timed in two of the files is an error: which of two sessions' speeds counts is the caller's call."""
     speeds: dict[str, float] = {}
-    for row in rows if isinstance(rows, list) else []:
-        speed = row.get("images_per_s") if isinstance(row, dict) else None
-        if isinstance(speed, (int, float)) and speed > 0 and row.get("preset"):
-            speeds[row["preset"]] = max(float(speed), speeds.get(row["preset"], 0.0))
-    if not speeds:
-        raise WdmError(f"{path} holds no `bench train` rows with images_per_s")
+    source: dict[str, Path] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        try:
+            rows = json.loads(path.read_text()).get("results", [])
+        except (OSError, json.JSONDecodeError, AttributeError) as error:
+            raise WdmError(f"{path}: not a `wdmctl bench train --out` JSON ({error})") from None
+        found: dict[str, float] = {}
+        for row in rows if isinstance(rows, list) else []:
+            speed = row.get("images_per_s") if isinstance(row, dict) else None
+            if isinstance(speed, (int, float)) and speed > 0 and row.get("preset"):
+                found[row["preset"]] = max(float(speed), found.get(row["preset"], 0.0))
+        if not found:
+            raise WdmError(f"{path} holds no `bench train` rows with images_per_s")
+        for preset, speed in found.items():
+            if preset in source:
+                raise WdmError(f"{preset} is timed in both {source[preset]} and {path}; pass one of them")
+            speeds[preset], source[preset] = speed, path
     return speeds
 
 
-def at_solo_speed(curves: RunCurves, speeds: dict[str, float], source: str | Path) -> None:
+def at_solo_speed(curves: RunCurves, speeds: dict[str, float], source: str) -> None:
     """Replace the run's training minutes by GPU-minutes at its preset's solo speed."""
     if curves.model not in speeds:
         known = ", ".join(sorted(speeds))
-        raise WdmError(f"{curves.label}: its model {curves.model} has no row in {source} (it has {known})")
+        raise WdmError(f"{curves.label}: its model {curves.model} has no row in {source} (they have {known})")
     per_minute = speeds[curves.model] * 60
     curves.minutes = [images / per_minute for images in curves.images_seen]
     curves.fid_minutes = [images / per_minute for images in curves.fid_images]
@@ -181,9 +191,9 @@ def _markdown(runs: list[RunCurves], time_name: str) -> str:
 
 
 def write_report(runs: list[str], out: str | Path, overwrite: bool = False,
-                 solo_speed: str | Path | None = None) -> dict[str, Any]:
+                 solo_speed: str | Path | list[str | Path] | None = None) -> dict[str, Any]:
     """Curves and table of `runs` (run folders or names) into `out`; returns the paths and the table. With
-    `solo_speed` (a bench train JSON) time is GPU-minutes at each preset's solo speed (module docstring)."""
+    `solo_speed` (bench train JSONs) time is GPU-minutes at each preset's solo speed (module docstring)."""
     plt = matplotlib_pyplot()
     if plt is None:
         raise WdmError("wdmctl report draws with matplotlib, which is not installed: pip install 'wdmctl[plot]'")
@@ -196,10 +206,11 @@ def write_report(runs: list[str], out: str | Path, overwrite: bool = False,
     paths = [Path(find_run(run)) for run in runs]
     curves = [read_run(path, label) for path, label in zip(paths, unique_labels(paths))]
     time_axis, time_name = "training time (minutes)", "training min"
-    if solo_speed is not None:
-        speeds = solo_speeds(solo_speed)
+    if solo_speed:
+        files = [solo_speed] if isinstance(solo_speed, (str, Path)) else list(solo_speed)
+        speeds = solo_speeds(files)
         for run_curves in curves:
-            at_solo_speed(run_curves, speeds, solo_speed)
+            at_solo_speed(run_curves, speeds, ", ".join(map(str, files)))
         time_axis, time_name = "GPU minutes at solo speed (images seen / bench train images/s)", "GPU min (solo)"
     fid_label = "FID-" + str(next((r.fid_num for r in curves if r.fid_num), "K"))
     figures = {

@@ -16,10 +16,10 @@ def report_command(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for loss.png, fid-images.png, "
                                                                   "fid-time.png and report.md."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
-    solo_speed: Optional[Path] = typer.Option(
-        None, "--solo-speed", help="A `wdmctl bench train --out` JSON timed on the idle GPU: draw and tabulate "
-                                   "GPU-minutes at each preset's solo speed instead of wall time (for runs that "
-                                   "shared a GPU)."),
+    solo_speed: Optional[List[Path]] = typer.Option(
+        None, "--solo-speed", help="A `wdmctl bench train --out` JSON timed on the idle GPU (repeat for presets "
+                                   "timed in different runs): draw and tabulate GPU-minutes at each preset's solo "
+                                   "speed instead of wall time (for runs that shared a GPU)."),
 ) -> None:
     """Loss and FID curves of one or more runs, and a markdown table.
 
@@ -31,6 +31,8 @@ def report_command(
       wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --out report/cifar10
 
       wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --solo-speed bench-s.json
+
+      wdmctl report runs/00003-cifar10-WDM-S2 runs/00005-cifar10-DiM-S2 --solo-speed bench-s.json --solo-speed bench-dim.json
     """
     from wdmctl.apps.report import write_report
 
