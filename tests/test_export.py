@@ -15,6 +15,7 @@ traced graph.
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -630,6 +631,35 @@ def test_sample_cli_onnx_backend_matches_torch_backend(conditional_export, saved
         assert len(pngs) == 4, backend
         images[backend] = np.stack([np.asarray(Image.open(p)) for p in pngs])
     assert psnr(images["torch"], images["onnx"]) > 50
+    # the metadata says what ran the exported denoiser: the provider ORT actually used, not the one asked for
+    runtime = json.loads((tmp_path / "onnx" / "metadata.json").read_text())["exported_runtime"]
+    assert runtime["backend"] == "onnx" and runtime["providers"] == ["CPUExecutionProvider"]
+    assert runtime["scan_form"] == "linear-attention" and runtime["batch_range"] == [4, 4]
+    assert json.loads((tmp_path / "torch" / "metadata.json").read_text())["exported_runtime"] is None
+
+
+def test_ort_session_refuses_a_silent_fallback_to_the_cpu(conditional_export, monkeypatch):
+    """onnxruntime-gpu whose CUDA libraries fail to load still makes a session, on the CPU provider, with only
+    a log line; asked for CUDA, wdmctl must say so instead of sampling on the CPU (or failing in I/O binding)."""
+    import onnxruntime as real_ort
+
+    from wdmctl.export import runtime
+
+    class CpuOnlySession:  # what ORT returns when the CUDA provider did not start
+        def __init__(self, path, options, providers):
+            self.asked = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    fake = types.SimpleNamespace(SessionOptions=real_ort.SessionOptions, InferenceSession=CpuOnlySession,
+                                 get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "import_onnxruntime", lambda: fake)
+    with pytest.raises(WdmError, match="CUDAExecutionProvider did not start .* fell back to CPUExecutionProvider"):
+        runtime.ort_session(conditional_export / "denoiser.onnx", torch.device("cuda", 0))
+    # on the CPU the same session is what was asked for
+    assert runtime.ort_session(conditional_export / "denoiser.onnx", torch.device("cpu")).get_providers() == [
+        "CPUExecutionProvider"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def run_sample(req: SampleRequest) -> dict[str, Any]:
         "seeds": [req.seed, req.seed + req.n - 1], "n": req.n, "precision": req.precision, "backend": req.backend,
         "scan_backend": req.scan_backend, "cuda_graph": req.cuda_graph, "device": str(device), "processes": state.num_processes,
         "autoencoder": pipe.autoencoder.get("spec", "none"),
+        "exported_runtime": denoiser.describe() if denoiser is not None else None,
         "timings": {"seconds": round(seconds, 3), "images_per_second": round(len(my_seeds) / max(seconds, 1e-9), 3),
                     "per_process": True},
         "out": str(out),

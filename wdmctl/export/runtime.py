@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -75,9 +75,14 @@ def ort_session(onnx_path: Path, device: torch.device, use_tf32: bool = False, s
         provider = "CPUExecutionProvider"
         providers = [provider]
     try:
-        return ort.InferenceSession(str(onnx_path), options, providers=providers)
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as err:  # ORT raises its own exception types for invalid graphs and missing kernels
         raise WdmError(f"ONNX Runtime cannot load {Path(onnx_path).name} on {provider}: {first_line(err)}") from None
+    # ORT falls back to the CPU provider, with only a log line, when the CUDA provider's libraries fail to load
+    if session.get_providers()[0] != provider:
+        raise WdmError(f"ONNX Runtime's {provider} did not start for {Path(onnx_path).name} (it fell back to "
+                       f"{session.get_providers()[0]}; usually a CUDA or cuDNN library onnxruntime-gpu needs is missing)")
+    return session
 
 
 class OrtRunner:
@@ -106,6 +111,11 @@ class OrtRunner:
                 self._without_cuda_graph(err)
                 return
         self.session = self._plain_session()
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the calls, for the sample's metadata: the providers ORT actually uses and the CUDA graph."""
+        return {"providers": list(self.session.get_providers()), "cuda_graph": self.cuda_graph,
+                "cuda_graph_note": self.cuda_graph_note}
 
     def _plain_session(self):
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -185,7 +195,7 @@ class TrtRunner:
         from wdmctl.export.tensorrt_build import require_tensorrt, torch_dtype
 
         trt = require_tensorrt()
-        self.device, self.cuda_graphs = device, cuda_graphs
+        self.device, self.cuda_graphs, self.engine_path = device, cuda_graphs, Path(engine_path)
         self.input_names = list(input_names)
         self.sample_shape = tuple(sample_shape)
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -227,6 +237,10 @@ class TrtRunner:
         self.slots[batch] = slot
         return slot
 
+    def describe(self) -> dict[str, Any]:
+        """What runs the calls, for the sample's metadata."""
+        return {"tensorrt": self.engine_path.name, "cuda_graph": self.cuda_graphs}
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         slot = self._slot(inputs[0].shape[0])
         for name, value in zip(self.input_names, inputs):
@@ -238,12 +252,17 @@ class TrtRunner:
 class ExportedDenoiser:
     """`denoise(x, t, y) -> eps` over a runner that accepts batches in [min_batch, max_batch]."""
 
-    def __init__(self, runner: Callable[..., torch.Tensor], manifest: dict, backend: str, device: torch.device):
+    def __init__(self, runner: OrtRunner | TrtRunner, manifest: dict, backend: str, device: torch.device):
         self.runner, self.manifest, self.backend, self.device = runner, manifest, backend, device
         self.min_batch, self.max_batch = manifest["batch_range"]
         self.conditional = bool(manifest["conditional"])
         self.null_class = manifest["null_class"]
         self.sample_shape = tuple(manifest["inputs"][0]["shape"][1:])
+
+    def describe(self) -> dict[str, Any]:
+        """The backend, the export's scan form and what its runner runs on (recorded next to the samples)."""
+        return {"backend": self.backend, "device": str(self.device), "scan_form": self.manifest["scan"]["form"],
+                "batch_range": list(self.manifest["batch_range"]), **self.runner.describe()}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:
@@ -280,7 +299,7 @@ def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | t
         require_intact_onnx(export_dir, manifest)
         # a CUDA graph replays fixed shapes: only a static batch (the wrapper pads and splits to it) has them
         cuda_graph = cuda_graph and manifest["batch_range"][0] == manifest["batch_range"][1]
-        runner: Callable[..., torch.Tensor] = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device,
+        runner: OrtRunner | TrtRunner = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device,
                                                         cuda_graph)
     else:
         from wdmctl.export.tensorrt_build import find_engine
