@@ -8,7 +8,7 @@
 # Usage: scripts/gpu-issue16-scaling.sh OUT_DIR   (needs a CUDA GPU and triton)
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-issue16-scaling.sh OUT_DIR}
-source "$(dirname "$0")/issue16-lib.sh"
+source "$(dirname "$0")/gpu-bench-lib.sh"
 start_run
 timed train-scaling 300 bench train --presets WDM-B/2 --backends triton --sizes 32:64,64:32,128:8 \
   --cuda-graphs on,off

@@ -1,6 +1,6 @@
 """The GPU scripts' pieces that can be checked on a CPU: every arm of scripts/gpu-ablation.sh names recipe keys
-that load and name the presets gpu-table1.sh times, and scripts/periodic-texture.py reads wdmctl's grids
-exactly as it reads the images."""
+that load and name the presets gpu-table1.sh times, every bench command of the gpu-*.sh scripts parses and names
+known backends, and scripts/periodic-texture.py reads wdmctl's grids exactly as it reads the images."""
 
 from __future__ import annotations
 
@@ -134,3 +134,49 @@ def test_compare_samples_measures_what_differs(tmp_path):
     (tmp_path / "a" / "000003.png").write_bytes((tmp_path / "a" / "000000.png").read_bytes())
     with pytest.raises(ValueError, match="hold different images"):
         compare(tmp_path / "a", tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bench scripts' command lines parse: a typo in an option costs a GPU session's minutes, not a CPU second
+# ----------------------------------------------------------------------------------------------------
+
+BENCH_SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("gpu-*.sh") if re.search(r"^timed ", p.read_text(), re.M))
+
+
+def timed_commands(script: Path) -> list[list[str]]:
+    """The wdmctl arguments of every `timed NAME SECONDS ARGS...` line (gpu-bench-lib.sh adds --out), with the
+    script's own `name=value` assignments and $OUT substituted."""
+    import shlex
+
+    text = script.read_text().replace("\\\n", " ")
+    assignments = dict(re.findall(r"^(\w+)=(\S+)$", text, re.M))
+    commands = []
+    for line in re.findall(r"^timed (.+)$", text, re.M):
+        expanded = re.sub(r"\$\{?(\w+)\}?", lambda m: assignments.get(m.group(1), "/tmp/out"), line)
+        commands.append(shlex.split(expanded)[2:])  # past NAME and SECONDS
+    return commands
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda p: p.name)
+def test_bench_script_commands_parse_and_name_known_backends(script):
+    import typer
+
+    from wdmctl.bench.denoiser import BENCH_BACKENDS
+    from wdmctl.cli import app
+    from wdmctl.scan import BACKENDS as SCAN_BACKENDS, available_backends
+
+    available_backends()  # registers the built-in backends (triton's among them) by name
+
+    commands = timed_commands(script)
+    assert commands, f"{script.name} has no `timed` lines"
+    group = typer.main.get_command(app)
+    for args in commands:
+        with group.context_class(group) as root:  # typer's own click (typer vendors it)
+            name, command, rest = group.resolve_command(root, args)
+            while hasattr(command, "resolve_command"):  # a group: bench -> bench scan
+                name, command, rest = command.resolve_command(root, rest)
+            # parses every option and converts its value (an unknown option or a bad int fails here)
+            params = command.make_context(name, [*rest, "--out", "/tmp/out.json"], parent=root).params
+        known = BENCH_BACKENDS if name == "denoiser" else SCAN_BACKENDS
+        for backend in (params.get("backends") or "").split(","):
+            assert backend in known, f"{script.name}: {name} --backends {backend} is not a {name} backend"
