@@ -60,10 +60,11 @@ def test_bench_scan_times_segmented_per_count_beside_triton():
     assert _variants("torch", ("model", "contiguous"), (4,)) == [("model", None)]
     shape = dict(batch=8, d_inner=1536, length=258, layout="model")
     rows = [dict(shape, backend="triton", forward_ms=1.0, forward_backward_ms=3.0),
-            dict(shape, backend="triton-segmented", segments=4, forward_ms=0.5, forward_backward_ms=2.5),
+            dict(shape, backend="triton-segmented", segments=4, forward_ms=0.5, forward_backward_ms=3.75),
             dict(shape, backend="triton-segmented", segments=8, skipped="out of memory")]
+    # a faster forward, a slower backward: the segmented forward with triton's backward is 3.0 / (0.5 + 2.0)
     assert _segmented_speedups(rows) == [dict(shape="8x1536x258", layout="model", segments=4, forward_x=2.0,
-                                              forward_backward_x=1.2)]
+                                              forward_backward_x=0.8, forward_segmented_backward_plain_x=1.2)]
 
 
 CASES = [  # (L, S, reverse, layout, dtype): S = 1, 2, 3 and S not dividing L (7 / 3, 33 / 4, 33 / 5)
@@ -248,6 +249,37 @@ def test_interpreter_one_segment_is_the_plain_backward(interpreter, small_chunks
         results.append([out] + [leaves[k].grad for k in GRADS])
     assert backward_counts == []
     for name, first, second in zip(("y", *GRADS), *results):
+        assert torch.equal(first, second), name
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_interpreter_segmented_forward_with_the_plain_backward(interpreter, small_chunks, backward_counts,
+                                                               monkeypatch, how):
+    # backward_segments=1 (or WDM_TRITON_SCAN_BACKWARD_SEGMENTS=1): the forward in 3 segments, the backward the
+    # triton backend's own: y bit for bit the segmented one's, every gradient bit for bit triton's
+    x = scan_case(33, batch=2, d=5, n=3, dtype=torch.bfloat16)
+    hybrid = functools.partial(ts.selective_scan_segmented, segments=3)
+    if how == "argument":
+        hybrid = functools.partial(hybrid, backward_segments=1)
+    else:
+        monkeypatch.setenv("WDM_TRITON_SCAN_BACKWARD_SEGMENTS", "1")
+    scans = {"triton": ts.selective_scan_triton, "hybrid": hybrid,
+             "segmented": functools.partial(ts.selective_scan_segmented, segments=3, backward_segments=3)}
+    from wdmctl.scan.triton import segmented
+
+    forwards = []   # the segment count of every segmented forward
+    count = segmented.segment_count
+    monkeypatch.setattr(segmented, "segment_count", lambda *a, **k: forwards.append(count(*a, **k)) or forwards[-1])
+    results = {}
+    for name, scan in scans.items():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        out = scan(**leaves, delta_softplus=True, reverse=True)
+        out.float().square().sum().backward()
+        results[name] = [out] + [leaves[k].grad for k in GRADS]
+    assert forwards[0] == 3             # the hybrid's forward ran in 3 segments
+    assert backward_counts == [3]       # and only the fully segmented run cut its backward
+    assert torch.equal(results["hybrid"][0], results["segmented"][0])
+    for name, first, second in zip(GRADS, results["hybrid"][1:], results["triton"][1:]):
         assert torch.equal(first, second), name
 
 

@@ -127,11 +127,13 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                 options = dict(CALLING_LAYOUTS.get(layout, (None, {}))[1])
                 if backend == "triton-segmented":
                     from wdmctl.scan.triton.common import CHUNK  # triton: heavy, optional
-                    from wdmctl.scan.triton.segmented import backward_segments, segment_count
+                    from wdmctl.scan.triton.segmented import backward_request, backward_segments, segment_count
 
                     row["segments"] = segment_count(batch, d, length, count)
-                    # the backward's segments are whole chunks: as many or fewer
-                    row["backward_segments"] = backward_segments(batch, d, length, row["segments"], CHUNK)[0]
+                    # the backward's segments are whole chunks: as many or fewer (or the plain backward's
+                    # one, with WDM_TRITON_SCAN_BACKWARD_SEGMENTS=1)
+                    row["backward_segments"] = backward_segments(batch, d, length, backward_request(row["segments"]),
+                                                                 CHUNK)[0]
                     options["segments"] = row["segments"]
                 if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
                     row["skipped"] = "too slow and too big for the chunked PyTorch scan at this size"
@@ -185,7 +187,10 @@ def _variants(backend: str, layouts, segments) -> list[tuple[str, int | None]]:
 
 
 def _segmented_speedups(rows: list[dict]) -> list[dict]:
-    """triton-segmented vs triton per shape, layout and segment count: triton's ms / segmented's (> 1: faster)."""
+    """triton-segmented vs triton per shape, layout and segment count: triton's ms / segmented's (> 1: faster).
+    `forward_segmented_backward_plain_x` composes the segmented forward with triton's backward (its
+    forward+backward minus its forward), what WDM_TRITON_SCAN_BACKWARD_SEGMENTS=1 runs: an estimate from two
+    measured rows, not a timing of its own."""
     plain = {(r["batch"], r["d_inner"], r["length"], r["layout"]): r for r in rows
              if r["backend"] == "triton" and "forward_ms" in r}
     out = []
@@ -196,7 +201,9 @@ def _segmented_speedups(rows: list[dict]) -> list[dict]:
         out.append({"shape": f"{row['batch']}x{row['d_inner']}x{row['length']}", "layout": row["layout"],
                     "segments": row["segments"],
                     "forward_x": round(base["forward_ms"] / row["forward_ms"], 2),
-                    "forward_backward_x": round(base["forward_backward_ms"] / row["forward_backward_ms"], 2)})
+                    "forward_backward_x": round(base["forward_backward_ms"] / row["forward_backward_ms"], 2),
+                    "forward_segmented_backward_plain_x": round(base["forward_backward_ms"] / (
+                        row["forward_ms"] + base["forward_backward_ms"] - base["forward_ms"]), 2)})
     return out
 
 

@@ -75,6 +75,16 @@ def segment_count(rows: int, d: int, length: int, segments: int | None = None) -
     return triton.cdiv(length, triton.cdiv(length, segments))
 
 
+def backward_request(segments: int | None, backward: int | None = None) -> int | None:
+    """The segment count the backward is asked for: `backward` when given, else WDM_TRITON_SCAN_BACKWARD_SEGMENTS
+    when set, else the forward's request. 1 runs the plain backward after a segmented forward: the forward's
+    gain where the segmented backward loses (the first H200 run: a 1.6x faster forward and a 1.2x slower
+    backward at 16 x 1024 x 1026)."""
+    if backward is None and os.environ.get("WDM_TRITON_SCAN_BACKWARD_SEGMENTS"):
+        backward = int(os.environ["WDM_TRITON_SCAN_BACKWARD_SEGMENTS"])
+    return segments if backward is None else backward
+
+
 def backward_segments(rows: int, d: int, length: int, segments: int | None, chunk: int) -> tuple[int, int]:
     """(S, T) for the segmented backward: S from segment_count, then segments of a whole number of the
     backward's chunks, T = chunk * cdiv(cdiv(L, S), chunk), so that every chunk lies in one segment and the
@@ -194,24 +204,27 @@ class _SegmentedScanFn(torch.autograd.Function):
     states, segment entry states included) plus the requested segment count."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid, segments):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid, segments,
+                backward_segments):
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.flags = (delta_softplus, reverse, column_grid)
-        ctx.segments = segments
+        ctx.backward_segments = backward_request(segments, backward_segments)
         ctx.packed = _pack(A, B, C)
         return _segmented_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid,
                                   segments, ctx.packed)
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _segmented_backward(dy, *ctx.saved_tensors, *ctx.flags, segments=ctx.segments, packed=ctx.packed)
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+        grads = _segmented_backward(dy, *ctx.saved_tensors, *ctx.flags, segments=ctx.backward_segments,
+                                    packed=ctx.packed)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None, None)
 
 
 def selective_scan_segmented(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             reverse=False, column_grid=None, segments=None, **_):
+                             reverse=False, column_grid=None, segments=None, backward_segments=None, **_):
     """selective_scan_triton with the forward and the backward in segments; `segments` overrides S (see
-    segment_count; the backward cuts whole chunks, backward_segments). A of shape (2, d, N) makes it a
+    segment_count; the backward cuts whole chunks, backward_segments), `backward_segments` the backward's
+    alone (backward_request: 1 is the plain backward). A of shape (2, d, N) makes it a
     bidirectional pair, as there. Under torch.compile it runs as the triton backend's custom op (unsegmented):
     the segmented scan has no custom op yet."""
     if u.numel() == 0:
@@ -222,4 +235,4 @@ def selective_scan_segmented(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
         return _scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid)
     return _SegmentedScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid,
-                                  segments)
+                                  segments, backward_segments)
