@@ -47,10 +47,10 @@ def export(
     """Export the denoiser to ONNX and/or build a TensorRT engine.
 
     Never run (TensorRT cannot be installed on the machines this was written and measured on): the TensorRT
-    engine build and runtime (--trt, --backend trt). Not yet run on a GPU: --query-key shared on ONNX
-    Runtime's CUDA provider. ONNX Runtime CUDA with I/O binding, CUDA graphs and the contrib LinearAttention
-    ran on an H200; the ONNX export, its verification and sampling run on ONNX Runtime's CPU provider in the
-    tests."""
+    engine build and runtime (--trt, --backend trt). ONNX Runtime CUDA with I/O binding, CUDA graphs and the
+    contrib LinearAttention (shared and per-channel query and key) ran on an H200, at 3.3x eager PyTorch's
+    latency for WDM-B/2 (docs/export.md); the ONNX export, its verification and sampling run on ONNX Runtime's
+    CPU provider in the tests."""
     from rich.console import Console
 
     from wdmctl.apps.export import ExportRequest, run_export
