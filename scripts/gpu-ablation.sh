@@ -11,6 +11,7 @@
 #       EXTRA_SETS="key=value ..." adds recipe keys to every arm (e.g. FID during training for Table 1)
 #   scripts/gpu-ablation.sh status WORK                         # last log line of each arm
 #   scripts/gpu-ablation.sh preset ARM...                       # the model preset each arm trains, a line each
+#   scripts/gpu-ablation.sh steps BUDGET SOLO_JSON ARM...       # each arm's steps: BUDGET steps, or Nmin GPU-minutes
 #   scripts/gpu-ablation.sh score WORK DATA INCEPTION NUM ARM...  # grids + FID-NUM of finished arms
 #       FID_STEPS=50 samples the FID with 50 steps instead of 20; GRIDS_ONLY=1 draws the grids only
 #
@@ -62,6 +63,21 @@ start_mps() {  # the arms are small: under MPS their kernels run concurrently in
   fi
 }
 
+arm_recipes() {  # ARM...: "ARM PRESET BATCH" a line each, as each arm's recipe resolves them
+  local groups=() arm keys
+  for arm in "$@"; do
+    keys=$(arm_overrides "$arm")   # a plain assignment, so an unknown arm stops the script (set -e)
+    # shellcheck disable=SC2206  # the keys split into words
+    groups+=("$arm" $keys ";")
+  done
+  # one interpreter for all arms (importing wdmctl costs seconds): each arm's name and keys, ended by ";"
+  python -c 'import sys; from wdmctl import config
+for group in " ".join(sys.argv[1:]).split(";")[:-1]:
+    arm, *keys = group.split()
+    recipe = config.load_recipe("recipes/cifar10.toml", keys)
+    print(arm, recipe.model.preset, recipe.train.batch_size)' "${groups[@]}"
+}
+
 cmd=$1; shift
 case $cmd in
   train)
@@ -81,16 +97,29 @@ case $cmd in
     done
     ;;
   preset)   # as the arm's recipe resolves it, so gpu-table1.sh times the models its arms train
-    groups=()
-    for arm in "$@"; do
-      keys=$(arm_overrides "$arm")   # an assignment, so an unknown arm stops the script (set -e)
-      # shellcheck disable=SC2206  # the keys split into words
-      groups+=($keys ";")
-    done
-    # one interpreter for all arms (importing wdmctl costs seconds): the arms' keys, each group ended by ";"
-    python -c 'import sys; from wdmctl import config
-for keys in " ".join(sys.argv[1:]).split(";")[:-1]:
-    print(config.load_recipe("recipes/cifar10.toml", keys.split()).model.preset)' "${groups[@]}"
+    arm_recipes "$@" | cut -d' ' -f2
+    ;;
+  steps)    # BUDGET SOLO_JSON ARM...: "ARM STEPS" a line each. BUDGET is steps (every arm the same) or Nmin: N
+            # GPU-minutes at the arm's solo speed in SOLO_JSON (a bench train JSON), N x 60 x images/s / batch
+    budget=$1 solo=$2; shift 2
+    arm_recipes "$@" | python -c 'import json, os, sys
+budget, solo = sys.argv[1:]
+if not (budget.isdigit() or budget.endswith("min")):
+    sys.exit(f"budget must be steps or Nmin (GPU-minutes at solo speed), not {budget!r}")
+if budget.endswith("min") and not os.path.exists(solo):
+    sys.exit(f"{budget} needs the solo speeds, and {solo} does not exist")
+speeds = {}
+for row in (json.load(open(solo)).get("results", []) if budget.endswith("min") else []):
+    if row.get("images_per_s"):  # the fastest row of each preset, as wdmctl report --solo-speed reads it
+        speeds[row["preset"]] = max(row["images_per_s"], speeds.get(row["preset"], 0))
+for line in sys.stdin:
+    arm, preset, batch = line.split()
+    if budget.isdigit():
+        print(arm, budget)
+    elif preset not in speeds:
+        sys.exit(f"{solo} has no solo speed for {preset} (arm {arm})")
+    else:
+        print(arm, round(float(budget[:-3]) * 60 * speeds[preset] / int(batch)))' "$budget" "$solo"
     ;;
   status)
     work=$1

@@ -72,6 +72,29 @@ def test_table1_times_the_presets_its_arms_train():
     assert refused.returncode == 2 and "unknown arm: nosuch" in refused.stderr
 
 
+def arm_steps(budget: str, solo: Path, *arms: str) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(["bash", str(ABLATION), "steps", budget, str(solo), *arms], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PATH": path})
+
+
+def test_table1_gives_every_arm_equal_steps_or_equal_gpu_minutes(tmp_path):
+    # gpu-table1.sh start ... 4.5min: each arm trains 4.5 GPU-minutes at its preset's solo speed (the fastest
+    # row of that preset), over the recipe's batch of 128: U-ViT at 3,110 img/s gets more steps than WD-Mamba
+    solo = tmp_path / "solo.json"
+    solo.write_text('{"results": [{"preset": "WDM-S/2", "images_per_s": 1000.0}, '
+                    '{"preset": "WDM-S/2", "images_per_s": 1912.7}, {"preset": "UViT-S/2", "images_per_s": 3109.8}]}')
+    timed = arm_steps("4.5min", solo, "cycle", "uvit", "noconv")
+    assert timed.returncode == 0, timed.stderr
+    assert timed.stdout.split("\n")[:3] == ["cycle 4035", "uvit 6560", "noconv 4035"]   # 4.5 x 60 x img/s / 128
+    same = arm_steps("4000", tmp_path / "not-needed.json", "cycle", "uvit")
+    assert same.returncode == 0 and same.stdout.split() == ["cycle", "4000", "uvit", "4000"]
+    missing = arm_steps("4.5min", solo, "dim")
+    assert missing.returncode != 0 and "has no solo speed for DiM-S/2 (arm dim)" in missing.stderr
+    assert "needs the solo speeds" in arm_steps("2min", tmp_path / "nothing.json", "cycle").stderr
+    assert "budget must be steps or Nmin" in arm_steps("4.5h", solo, "cycle").stderr
+
+
 def test_an_unknown_arm_is_refused():
     source = f'source <(sed -n "/^arm_overrides()/,/^}}/p" {ABLATION}); arm_overrides nosuch'
     result = subprocess.run(["bash", "-c", source], capture_output=True, text=True)
