@@ -300,7 +300,7 @@ def load_exported_denoiser(export_dir: str | Path, backend: str, device: str | t
         # a CUDA graph replays fixed shapes: only a static batch (the wrapper pads and splits to it) has them
         cuda_graph = cuda_graph and manifest["batch_range"][0] == manifest["batch_range"][1]
         runner: OrtRunner | TrtRunner = OrtRunner(export_dir / manifest["onnx"]["file"], input_names, device,
-                                                        cuda_graph)
+                                                  cuda_graph)
     else:
         from wdmctl.export.tensorrt_build import find_engine
 
