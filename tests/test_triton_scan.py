@@ -268,6 +268,34 @@ def test_bench_scan_times_token_major_copies_for_triton_only():
     assert entry["forward_backward_x_contiguous_token_major_layout"] == 3.0
 
 
+def test_bench_scan_saves_every_row_as_it_comes(tmp_path, monkeypatch):
+    # a device command's time limit can stop `bench scan` mid-way: --out holds the rows measured so far
+    import functools
+    import json
+
+    from wdmctl.bench import scan as bench_scan
+    from wdmctl.cli.bench import save_so_far
+
+    monkeypatch.setattr(bench_scan, "available_backends", lambda device: ["torch", "triton"])
+    monkeypatch.setattr(bench_scan, "scan_inputs", functools.partial(bench_scan.scan_inputs, device="cpu"))
+    monkeypatch.setattr(bench_scan, "_time_scan", lambda x, backend, iters, **o: dict(forward_ms=1.0,
+                                                                                   forward_backward_ms=3.0))
+    out = tmp_path / "scan.json"
+    seen = []
+
+    def on_row(rows, total):
+        seen.append(len(rows))
+        save_so_far(str(out), "selective_scan", rows, total, key="rows")
+
+    payload = bench_scan.benchmark_scan([(1, 4, 6), (1, 4, 9)], n=2, dtype=torch.float32, iters=1,
+                                        backends=("torch", "triton", "mamba_ssm"), profile=False,
+                                        layouts=("model", "contiguous"), convs=False, on_row=on_row)
+    # per shape: torch in the model layout, triton in both; mamba_ssm is not usable here
+    assert seen == [1, 2, 3, 4, 5, 6] and len(payload["rows"]) == 6
+    saved = json.loads(out.read_text())
+    assert saved["partial"] == "6 of 6 configurations" and saved["rows"] == payload["rows"]
+
+
 def test_interpreter_scan_without_options(interpreter, small_chunks):
     x = scan_case(11, batch=2, d=3, n=4, layout="contiguous", drop=("z", "D", "delta_bias"), softplus=False)
     check(compare_with_oracle(x, "cpu", softplus=False), 5e-5, 5e-4, "interp no options")

@@ -12,7 +12,7 @@ contiguous inputs copied into token-major memory first: `token_major_copies`, co
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -108,14 +108,23 @@ def _time_scan(x: dict, backend: str, iters: int, **options) -> dict[str, float]
 
 def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, iters: int = 10,
                    backends=("torch", "mamba_ssm", "triton"), profile: bool = True, layouts=LAYOUTS,
-                   segments=(None,), convs: bool = True) -> dict[str, Any]:
+                   segments=(None,), convs: bool = True,
+                   on_row: Callable[[list[dict], int], None] | None = None) -> dict[str, Any]:
     """Scan timings for every backend and shape (one process, one GPU), plus conv1d timings and, for the
     triton backend, where its time goes (per-kernel profile). triton-segmented is timed once per entry of
     `segments` (None: its default count; the row says which S the forward and the backward ran with);
-    `convs=False` leaves out the conv1d and 2-D conv tables."""
+    `convs=False` leaves out the conv1d and 2-D conv tables. `on_row(rows, total)` follows every row (the CLI
+    saves them, so a run stopped by a time limit keeps what it measured)."""
     usable = available_backends("cuda")
     esize = torch.empty((), dtype=dtype).element_size()
-    rows = []
+    total = len(shapes) * sum(len(_variants(b, layouts, segments)) for b in backends if b in usable)
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows, total)
+
     for batch, d, length in shapes:
         fwd_bytes, all_bytes = essential_bytes(batch, d, length, n, esize)
         for backend in backends:
@@ -137,7 +146,7 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                     options["segments"] = row["segments"]
                 if backend == "torch" and batch * d * length > TORCH_MAX_ELEMENTS:
                     row["skipped"] = "too slow and too big for the chunked PyTorch scan at this size"
-                    rows.append(row)
+                    add(row)
                     continue
                 x = scan_inputs(batch, d, length, n, dtype, layout)
                 try:
@@ -145,11 +154,11 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
                 except torch.OutOfMemoryError:
                     row["skipped"] = "out of memory"
                     torch.cuda.empty_cache()
-                    rows.append(row)
+                    add(row)
                     continue
                 row["forward_GBps"] = round(fwd_bytes / row["forward_ms"] / 1e6, 1)
                 row["forward_backward_GBps"] = round(all_bytes / row["forward_backward_ms"] / 1e6, 1)
-                rows.append(row)
+                add(row)
                 del x
     payload: dict[str, Any] = {"benchmark": "selective_scan", "rows": rows, "speedup_vs_mamba_ssm": _speedups(rows)}
     if "triton-segmented" in backends:

@@ -99,13 +99,13 @@ def preset_runs(presets: str, uvit: bool, backends: str, usable: list[str], atte
     return runs, [b for b in wanted if b not in usable]
 
 
-def save_so_far(out: str | None, benchmark: str, rows: list[dict], total: int) -> None:
-    """Write the rows measured so far to --out, marked partial: a run stopped by a time limit still leaves them
-    (the finished command overwrites the file with the whole payload)."""
+def save_so_far(out: str | None, benchmark: str, rows: list[dict], total: int, key: str = "results") -> None:
+    """Write the rows measured so far to --out (under `key`, as the finished payload has them), marked partial:
+    a run stopped by a time limit still leaves them (the finished command overwrites the file)."""
     if out:
         from wdmctl.core.device import write_json
 
-        write_json(out, {"benchmark": benchmark, "results": rows, "partial": f"{len(rows)} of {total} configurations"})
+        write_json(out, {"benchmark": benchmark, key: rows, "partial": f"{len(rows)} of {total} configurations"})
 
 
 def _device_type() -> str:
@@ -288,7 +288,8 @@ def bench_scan(
     if not counts or any(c is not None and c < 1 for c in counts):
         raise WdmError(f"--segments takes positive counts or `default`, not {segments!r}")
     payload = benchmark_scan(parsed, n=d_state, dtype=dtype, iters=iters, backends=tuple(_words(backends)),
-                             profile=profile, layouts=wanted_layouts, segments=counts, convs=convs)
+                             profile=profile, layouts=wanted_layouts, segments=counts, convs=convs,
+                             on_row=lambda rows, total: save_so_far(out, "selective_scan", rows, total, key="rows"))
     typer.echo(write_json(out, payload))
 
 
