@@ -1,7 +1,7 @@
 # Sourced by scripts/gpu-issue16-*.sh and gpu-issue17-sizes.sh. `timed NAME SECONDS ARGS...` runs `python -m wdmctl
 # ARGS --out $OUT/NAME.json` under a time limit, its stderr in $OUT/NAME.log, and says how long it took. A failure
-# or a timeout is reported, not fatal: bench train, sample and scan save their rows as they come, so a stopped one
-# leaves what it measured (bench denoiser writes at the end: give it one size per call).
+# or a timeout is reported, not fatal: the bench commands save their rows (bench denoiser: its model/batch
+# entries) as they come, so a stopped one leaves what it measured.
 timed() {
   local name=$1 limit=$2 start=$SECONDS rc=0
   shift 2

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17's speed table at the sizes not yet measured: WDM-B/2 at guidance batch 2 x 32, WDM-XL/2 at 2 x 8
 # and 2 x 32, fp16, eager and eager + CUDA graphs beside the linear-attention export on ONNX Runtime's CUDA EP
-# (shared C and B, the default; and the scan in fp16), one JSON per size so that a time limit loses one size
-# only (the limits add up to 540 s). WDM-B/2 at 2 x 8 ran in the session before
+# (shared C and B, the default; and the scan in fp16), one JSON and one time limit per size (they add up to
+# 540 s). WDM-B/2 at 2 x 8 ran in the session before
 # (benchmarks/h200-issue17-denoiser-b2-bs8-shared.json).
 # Usage: scripts/gpu-issue17-sizes.sh OUT_DIR   (needs a CUDA GPU and onnxruntime-gpu; docs/export.md stages it)
 set -uo pipefail

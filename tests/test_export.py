@@ -983,6 +983,33 @@ def test_bench_model_reuses_the_exports_and_reports_each_backend(conditional_exp
     json.dumps(result)
 
 
+def test_bench_denoiser_keeps_the_entries_done_when_stopped(saved_conditional, tmp_path, monkeypatch):
+    # a device command's time limit can stop the bench between model/batch entries: --out keeps the finished ones
+    from wdmctl.bench import denoiser
+
+    calls = []
+
+    def one_entry(label, model, source, bench, device, work_dir, batch_size):
+        calls.append(batch_size)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what the time limit's signal does to the second entry
+        return {"model": label, "batch_size": batch_size, "backends": {}}
+
+    monkeypatch.setattr(denoiser, "bench_model", one_entry)
+    out = tmp_path / "bench.json"
+    bench = denoiser.DenoiserBench(model=str(saved_conditional), batch_sizes=[2, 4], backends=["eager"],
+                                   device="cpu", work_dir=str(tmp_path / "w"))
+    with pytest.raises(KeyboardInterrupt):
+        denoiser.run_denoiser_bench(bench, out=str(out))
+    saved = json.loads(out.read_text())
+    assert saved["partial"] == "1 of 2 model/batch entries" and [r["batch_size"] for r in saved["results"]] == [2]
+    calls.clear()
+    monkeypatch.setattr(denoiser, "bench_model", lambda *a, **k: {"batch_size": a[-1], "backends": {}})
+    denoiser.run_denoiser_bench(bench, out=str(out))   # a finished run leaves the whole payload, not partial
+    finished = json.loads(out.read_text())
+    assert "partial" not in finished and [r["batch_size"] for r in finished["results"]] == [2, 4]
+
+
 def test_bench_rejects_unknown_backends():
     from wdmctl.bench.denoiser import DenoiserBench, run_denoiser_bench
 

@@ -298,16 +298,20 @@ def run_denoiser_bench(bench: DenoiserBench, out: str | None = None) -> str:
         bench = replace(bench, backends=[BASELINE] + [b for b in bench.backends if b != BASELINE])
     device = torch.device(bench.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work_dir = Path(bench.work_dir) if bench.work_dir else Path(tempfile.mkdtemp(prefix="wdmctl-bench-"))
-    results = [bench_model(label, model, source, bench, device, work_dir / re.sub(r"[^A-Za-z0-9.-]+", "_", label),
-                           batch_size)
-               for label, model, source in _models(bench) for batch_size in bench.batch_sizes]
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": "denoiser",
         "settings": {"batch_sizes": bench.batch_sizes, "guidance": GUIDANCE, "dtype": bench.dtype,
                      "chunk_size": bench.chunk_size, "linear_attention": bench.linear_attention, "steps": bench.steps,
                      "warmup": bench.warmup, "iters": bench.iters, "device": str(device), "work_dir": str(work_dir),
                      "profile": bench.profile},
         "versions": {**export_versions(), "tensorrt": package_versions("tensorrt")["tensorrt"]},
-        "results": results,
+        "results": [],
     }
+    total = (len(bench.presets) or 1) * len(bench.batch_sizes)
+    for label, model, source in _models(bench):
+        for batch_size in bench.batch_sizes:
+            payload["results"].append(bench_model(label, model, source, bench, device,
+                                                  work_dir / re.sub(r"[^A-Za-z0-9.-]+", "_", label), batch_size))
+            if out and len(payload["results"]) < total:  # a time limit keeps the model/batch entries done so far
+                write_json(out, {**payload, "partial": f"{len(payload['results'])} of {total} model/batch entries"})
     return write_json(out, payload)
