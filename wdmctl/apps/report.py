@@ -101,13 +101,12 @@ def read_run(path: Path, label: str) -> RunCurves:
     return curves
 
 
-def solo_speeds(paths: str | Path | list[str | Path]) -> dict[str, float]:
+def solo_speeds(paths: list[str | Path]) -> dict[str, float]:
     """Preset -> training images/s from `wdmctl bench train --out` JSONs (the fastest row of each preset). A
     preset timed in two of the files is an error: which of two sessions' speeds counts is the caller's call."""
     speeds: dict[str, float] = {}
     source: dict[str, Path] = {}
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        path = Path(path)
+    for path in map(Path, paths):
         try:
             rows = json.loads(path.read_text()).get("results", [])
         except (OSError, json.JSONDecodeError, AttributeError) as error:

@@ -307,7 +307,7 @@ def run_denoiser_bench(bench: DenoiserBench, out: str | None = None) -> str:
         "versions": {**export_versions(), "tensorrt": package_versions("tensorrt")["tensorrt"]},
         "results": [],
     }
-    total = (len(bench.presets) or 1) * len(bench.batch_sizes)
+    total = (1 if bench.model else len(bench.presets)) * len(bench.batch_sizes)   # as _models yields them
     for label, model, source in _models(bench):
         for batch_size in bench.batch_sizes:
             payload["results"].append(bench_model(label, model, source, bench, device,
