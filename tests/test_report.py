@@ -159,6 +159,18 @@ def test_report_solo_speed_merges_files_and_refuses_a_preset_timed_twice(tmp_pat
                     "--solo-speed", str(second)])
     assert twice.exit_code != 0 and "WDM-S/2 is timed in both" in twice.stderr
     assert "Traceback" not in twice.stderr and not (tmp_path / "t").exists()
+    # PRESET=FILE takes only that preset from a file that times it beside another: the later session's DiM
+    second.write_text(json.dumps({"results": [{"preset": "WDM-S/2", "images_per_s": 90.0},
+                                              {"preset": "DiM-S/2", "images_per_s": 25.0}]}))
+    picked = invoke(["report", str(wdm), str(dim), "--out", str(tmp_path / "p"), "--solo-speed", str(first),
+                     "--solo-speed", f"DiM-S/2={second}"])
+    assert picked.exit_code == 0, picked.stderr
+    table = (tmp_path / "p" / "report.md").read_text()
+    assert "| 12000 | 2.0 |" in table and "| 12000 | 8.0 |" in table   # WDM from first, DiM at 25 images/s
+    absent = invoke(["report", str(dim), "--out", str(tmp_path / "a"), "--solo-speed", f"UViT-S/2,DiM-S/2={second}"])
+    assert absent.exit_code != 0 and "has no row for UViT-S/2" in absent.stderr and "Traceback" not in absent.stderr
+    bare = invoke(["report", str(dim), "--out", str(tmp_path / "a"), "--solo-speed", f"={second}"])
+    assert bare.exit_code != 0 and "name the presets before '='" in bare.stderr
 
 
 def test_report_solo_speed_errors_name_the_problem(tmp_path):

@@ -122,14 +122,15 @@ def pair_case(length, batch=1, d=64, n=16, dtype=torch.float32):
     return x
 
 
-def compare_with_oracle(x, device, softplus=True, reverse=False, seed=0, column_grid=None):
-    """Triton output and gradients vs the fp64 oracle on the same (rounded) inputs: {name: rel error}."""
+def compare_with_oracle(x, device, softplus=True, reverse=False, seed=0, column_grid=None, scan=None):
+    """Triton output and gradients vs the fp64 oracle on the same (rounded) inputs: {name: rel error}.
+    `scan`: the entry to test (default: ts.selective_scan_triton, looked up at the call, so patches reach it)."""
     ref_in = {k: (v.double().requires_grad_(True) if v is not None else None) for k, v in x.items()}
     ref = oracle(ref_in, softplus, reverse, column_grid)
     dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     (ref * dy).sum().backward()
     ins = {k: (v.to(device).detach().requires_grad_(True) if v is not None else None) for k, v in x.items()}
-    out = ts.selective_scan_triton(**ins, delta_softplus=softplus, reverse=reverse, column_grid=column_grid)
+    out = (scan or ts.selective_scan_triton)(**ins, delta_softplus=softplus, reverse=reverse, column_grid=column_grid)
     assert out.dtype == x["u"].dtype and out.shape == ref.shape
     out.backward(dy.to(device=device, dtype=out.dtype))
     errs = {"y": rel(out, ref)}

@@ -41,14 +41,62 @@ def test_segment_count_leaves_no_segment_empty(monkeypatch):
     assert count(64, 3072, 258) == 3
 
 
-def test_auto_never_picks_segmented():
+def test_auto_never_picks_segmented_or_plain():
     if ts is None:
         pytest.skip("triton is not installed")
     from wdmctl.scan import BACKENDS
 
-    seg = BACKENDS["triton-segmented"]
-    assert seg.priority < BACKENDS["triton"].priority and seg.priority < BACKENDS["mamba_ssm"].priority
-    assert seg.is_available is BACKENDS["triton"].is_available and seg.reads_column_order
+    for name in ("triton-segmented", "triton-plain"):
+        forced = BACKENDS[name]
+        assert forced.priority < BACKENDS["triton"].priority and forced.priority < BACKENDS["mamba_ssm"].priority
+        assert forced.is_available is BACKENDS["triton"].is_available and forced.reads_column_order
+    assert BACKENDS["triton-plain"].selective_scan is ts.selective_scan_triton
+
+
+def test_segments_pay_where_the_h200_measured_a_win():
+    # the `triton` backend's rule against the H200 rows it comes from (model layout, forward+backward,
+    # segmented / plain): a win at 8 x 1536 x 4098 (2.30x), losses at every other measured shape
+    if ts is None:
+        pytest.skip("triton is not installed")
+    assert ts.segments_pay(8, 1536, 4098)                       # WDM-B/2, 4,096 tokens, batch 8: 2.30x
+    for shape in [(16, 1024, 1026), (32, 1536, 1026), (16, 3072, 1026),    # 0.95x, 0.72x, 0.71x
+                  (64, 1536, 258), (64, 1024, 258), (64, 3072, 258),       # 0.73x, 0.59x, 1.00x
+                  (8, 1536, 1026), (8, 1536, 258),                         # short: not measured to win
+                  (16, 1536, 4098)]:                                        # 24K channels: not measured
+        assert not ts.segments_pay(*shape), shape
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, backward_counts, monkeypatch, pair):
+    # the `triton` backend's entry: segmented (y and gradients bit for bit selective_scan_segmented's) when
+    # segments_pay says so, for a pair too (its u already holds both directions' rows), and never with
+    # token-major copies; the plain kernels otherwise
+    from wdmctl.scan import triton as backend
+    from wdmctl.scan.triton import segmented
+
+    asked = []
+    monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 30)   # the interpreter's sequences are short
+    monkeypatch.setattr(backend, "segments_pay", lambda *shape: asked.append(shape) or segmented.segments_pay(*shape))
+    monkeypatch.setenv("WDM_TRITON_SCAN_SEGMENTS", "3")
+    x = pair_case(33, batch=1, d=5, n=3, dtype=torch.bfloat16) if pair else scan_case(33, batch=2, d=5, n=3,
+                                                                                        dtype=torch.bfloat16)
+    forms = {"auto": backend.selective_scan_triton_auto, "segmented": backend.selective_scan_segmented,
+             "auto-copies": functools.partial(backend.selective_scan_triton_auto, token_major_copies=True),
+             "plain": backend.selective_scan_triton}
+    results = {}
+    for name, scan in forms.items():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        out = scan(**leaves, delta_softplus=True, reverse=True)
+        out.float().square().sum().backward()
+        results[name] = [out] + [leaves[k].grad for k in GRADS]
+    assert asked == [(2, 5, 33)]          # asked once (copies skip the rule), with the pair's 2 rows
+    assert backward_counts == [3, 3]      # auto and segmented cut their backward, plain and copies did not
+    for name, auto, segmented_result, copies, plain in zip(("y", *GRADS), *results.values()):
+        assert torch.equal(auto, segmented_result) and torch.equal(copies, plain), name
+    monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 34)   # one step longer than the case: plain
+    leaves = {k: v.detach() for k, v in x.items()}
+    assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
+                       results["plain"][0])
 
 
 def test_bench_scan_times_segmented_per_count_beside_triton():
@@ -65,6 +113,12 @@ def test_bench_scan_times_segmented_per_count_beside_triton():
     # a faster forward, a slower backward: the segmented forward with triton's backward is 3.0 / (0.5 + 2.0)
     assert _segmented_speedups(rows) == [dict(shape="8x1536x258", layout="model", segments=4, forward_x=2.0,
                                               forward_backward_x=0.8, forward_segmented_backward_plain_x=1.2)]
+    # with triton-plain rows in the run, they are the base (triton may itself have run in segments)
+    rows[0]["backend"] = "triton-plain"
+    rows.append(dict(shape, backend="triton", forward_ms=0.5, forward_backward_ms=3.75))
+    assert _segmented_speedups(rows)[0]["forward_x"] == 2.0
+    assert _variants("triton-plain", ("model", "contiguous-token-major"), (4,)) == [("model", None),
+                                                                                    ("contiguous-token-major", None)]
 
 
 CASES = [  # (L, S, reverse, layout, dtype): S = 1, 2, 3 and S not dividing L (7 / 3, 33 / 4, 33 / 5)
@@ -382,6 +436,20 @@ def test_gpu_segmented_backward_matches_oracle(segments, backward_counts, length
     check(compare_with_oracle(x, "cuda", reverse=reverse), *tolerances(dtype),
           f"gpu segmented backward L={length} S={count} rev={reverse} {dtype}")
     assert backward_counts == [ran]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_triton_auto_segments_long_sequences(monkeypatch, backward_counts, dtype):
+    # the `triton` backend's own entry at a shape where segments pay (4100 steps, 192 channels): segmented
+    # (default S), against the fp64 oracle; at 1026 steps the plain kernels
+    monkeypatch.delenv("WDM_TRITON_SCAN_SEGMENTS", raising=False)
+    for length in (4100, 1026):
+        x = scan_case(length, batch=2, d=96, n=16, dtype=dtype)
+        check(compare_with_oracle(x, "cuda", scan=ts.selective_scan_triton_auto), *tolerances(dtype),
+              f"gpu triton auto L={length} {dtype}")
+    assert len(backward_counts) == 1 and backward_counts[0] > 1   # only L = 4100 ran in segments
 
 
 @pytest.mark.parametrize("cfg", ts.BWD_CONFIGS if ts else [])

@@ -13,8 +13,8 @@ same after a resume.
 
 Runs that shared one GPU (arms side by side under MPS) did not have the GPU to themselves, so their wall time
 is not their GPU time. `solo_speed` names one or more `wdmctl bench train --out` JSONs timed on the idle GPU (arms
-added in a later session bring their own): each run's time axis then becomes GPU-minutes at its preset's solo
-speed, images seen / (its preset's images/s) / 60.
+added in a later session bring their own; PRESET=FILE takes only that preset from a file): each run's time axis
+then becomes GPU-minutes at its preset's solo speed, images seen / (its preset's images/s) / 60.
 """
 
 from __future__ import annotations
@@ -101,12 +101,26 @@ def read_run(path: Path, label: str) -> RunCurves:
     return curves
 
 
-def solo_speeds(paths: list[str | Path]) -> dict[str, float]:
-    """Preset -> training images/s from `wdmctl bench train --out` JSONs (the fastest row of each preset). A
-    preset timed in two of the files is an error: which of two sessions' speeds counts is the caller's call."""
+def solo_speed_source(entry: str | Path) -> tuple[Path, list[str] | None]:
+    """One --solo-speed entry: FILE (every preset it times), or PRESET[,PRESET...]=FILE (only those: a file
+    that also times a preset another session timed again, e.g. UViT-S/2 timed before a later equal-time run)."""
+    text = str(entry)
+    if "=" in text and not Path(text).exists():
+        presets, path = text.split("=", 1)
+        wanted = [p.strip() for p in presets.split(",") if p.strip()]
+        if not wanted:
+            raise WdmError(f"--solo-speed {text}: name the presets before '=' (PRESET[,PRESET]=FILE)")
+        return Path(path), wanted
+    return Path(text), None
+
+
+def solo_speeds(entries: list[str | Path]) -> dict[str, float]:
+    """Preset -> training images/s from `wdmctl bench train --out` JSONs (the fastest row of each preset),
+    each entry a file or PRESET[,PRESET]=FILE (solo_speed_source). A preset taken from two of them is an
+    error: which of two sessions' speeds counts is the caller's call."""
     speeds: dict[str, float] = {}
     source: dict[str, Path] = {}
-    for path in map(Path, paths):
+    for path, wanted in map(solo_speed_source, entries):
         try:
             rows = json.loads(path.read_text()).get("results", [])
         except (OSError, json.JSONDecodeError, AttributeError) as error:
@@ -118,9 +132,15 @@ def solo_speeds(paths: list[str | Path]) -> dict[str, float]:
                 found[row["preset"]] = max(float(speed), found.get(row["preset"], 0.0))
         if not found:
             raise WdmError(f"{path} holds no `bench train` rows with images_per_s")
+        if wanted is not None:
+            missing = [preset for preset in wanted if preset not in found]
+            if missing:
+                raise WdmError(f"{path} has no row for {', '.join(missing)} (it times {', '.join(sorted(found))})")
+            found = {preset: found[preset] for preset in wanted}
         for preset, speed in found.items():
             if preset in source:
-                raise WdmError(f"{preset} is timed in both {source[preset]} and {path}; pass one of them")
+                raise WdmError(f"{preset} is timed in both {source[preset]} and {path}; pass one of them, or "
+                               f"take presets from a file with PRESET=FILE")
             speeds[preset], source[preset] = speed, path
     return speeds
 

@@ -188,20 +188,23 @@ def benchmark_scan(shapes=DEFAULT_SHAPES, n: int = 16, dtype=torch.bfloat16, ite
 
 def _variants(backend: str, layouts, segments) -> list[tuple[str, int | None]]:
     """(layout, segment count) pairs to time for a backend: torch in the model's layout only, triton-segmented
-    once per segment count (None: its default), the others once per layout; calling layouts for triton only."""
-    layouts = [layout for layout in layouts if backend == "triton" or layout not in CALLING_LAYOUTS]
+    once per segment count (None: its default), the others once per layout; calling layouts for triton and
+    triton-plain only."""
+    layouts = [layout for layout in layouts if backend in ("triton", "triton-plain") or layout not in CALLING_LAYOUTS]
     layouts = layouts if backend != "torch" else ("model",)
     counts = segments if backend == "triton-segmented" else (None,)
     return [(layout, count) for layout in layouts for count in counts]
 
 
 def _segmented_speedups(rows: list[dict]) -> list[dict]:
-    """triton-segmented vs triton per shape, layout and segment count: triton's ms / segmented's (> 1: faster).
-    `forward_segmented_backward_plain_x` composes the segmented forward with triton's backward (its
-    forward+backward minus its forward), what WDM_TRITON_SCAN_BACKWARD_SEGMENTS=1 runs: an estimate from two
-    measured rows, not a timing of its own."""
+    """triton-segmented vs the unsegmented kernels per shape, layout and segment count: their ms / segmented's
+    (> 1: faster). The unsegmented rows are triton-plain's, or triton's in a run without them (runs from
+    before `triton` segmented by itself, segmented.segments_pay). `forward_segmented_backward_plain_x` composes
+    the segmented forward with the plain backward (its forward+backward minus its forward), what
+    WDM_TRITON_SCAN_BACKWARD_SEGMENTS=1 runs: an estimate from two measured rows, not a timing of its own."""
+    base_backend = "triton-plain" if any(r["backend"] == "triton-plain" for r in rows) else "triton"
     plain = {(r["batch"], r["d_inner"], r["length"], r["layout"]): r for r in rows
-             if r["backend"] == "triton" and "forward_ms" in r}
+             if r["backend"] == base_backend and "forward_ms" in r}
     out = []
     for row in rows:
         base = plain.get((row["batch"], row["d_inner"], row["length"], row["layout"]))

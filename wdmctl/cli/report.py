@@ -16,10 +16,11 @@ def report_command(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for loss.png, fid-images.png, "
                                                                   "fid-time.png and report.md."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
-    solo_speed: Optional[List[Path]] = typer.Option(
+    solo_speed: Optional[List[str]] = typer.Option(
         None, "--solo-speed", help="A `wdmctl bench train --out` JSON timed on the idle GPU (repeat for presets "
-                                   "timed in different runs): draw and tabulate GPU-minutes at each preset's solo "
-                                   "speed instead of wall time (for runs that shared a GPU)."),
+                                   "timed in different runs; PRESET[,PRESET]=FILE takes only those presets from "
+                                   "it): draw and tabulate GPU-minutes at each preset's solo speed instead of wall "
+                                   "time (for runs that shared a GPU)."),
 ) -> None:
     """Loss and FID curves of one or more runs, and a markdown table.
 
@@ -33,6 +34,8 @@ def report_command(
       wdmctl report runs/00003-cifar10-WDM-S2 runs/00004-cifar10-UViT-S2 --solo-speed bench-s.json
 
       wdmctl report runs/00003-cifar10-WDM-S2 runs/00005-cifar10-DiM-S2 --solo-speed bench-s.json --solo-speed bench-dim.json
+
+      wdmctl report runs/00003-cifar10-WDM-S2 runs/00009-cifar10-UViT-S2 --solo-speed WDM-S/2=bench-s.json --solo-speed UViT-S/2=bench-later.json
     """
     from wdmctl.apps.report import write_report
 

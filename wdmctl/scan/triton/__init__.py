@@ -39,6 +39,7 @@ from wdmctl.scan.triton.common import INTERPRET
 from wdmctl.scan.triton.conv import _CausalConv1dFn
 from wdmctl.scan.triton.custom_ops import _conv_op, _scan_op
 from wdmctl.scan.triton.scan import _SelectiveScanFn, scan_arguments
+from wdmctl.scan.triton.segmented import segments_pay, selective_scan_segmented
 
 # ----------------------------------------------------------------------------------------------------
 # Entry points: the eager autograd Functions, or the custom ops under torch.compile
@@ -76,6 +77,18 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     A, D, delta_bias, grid = scan_arguments(A, D, delta_bias, column_grid)
     scan = _scan_op if torch.compiler.is_compiling() else _SelectiveScanFn.apply
     return scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse), grid)
+
+
+def selective_scan_triton_auto(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                               reverse=False, column_grid=None, token_major_copies=False, **_):
+    """The `triton` backend's scan: selective_scan_segmented where segments pay (segmented.segments_pay: few
+    channels in flight, a long sequence; 2.3x forward+backward at WDM-B/2's 4,096 tokens, batch 8, on the H200),
+    selective_scan_triton otherwise. The choice is by shape alone, so it is the same at every call of a
+    CUDA-graphed step. `triton-plain` never segments, `triton-segmented` always does."""
+    if not token_major_copies and segments_pay(*u.shape):   # a pair's u holds both directions' rows already
+        return selective_scan_segmented(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
+    return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid,
+                                 token_major_copies)
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None, reverse=False, column_grid=None):
@@ -116,13 +129,13 @@ def is_available() -> bool:
 
 register_backend(ScanBackend(
     name="triton",
-    selective_scan=selective_scan_triton,
+    selective_scan=selective_scan_triton_auto,
     causal_conv1d=causal_conv1d_backend,
     is_available=is_available,
     install_hint="pip install triton (Linux with an NVIDIA GPU; it comes with PyTorch's CUDA wheels)",
     devices=("cuda",),
     reads_column_order=True,
-    selective_scan_pair=selective_scan_triton,   # A of shape (2, d, N) selects the pair kernels
+    selective_scan_pair=selective_scan_triton_auto,   # A of shape (2, d, N) selects the pair kernels
     causal_conv1d_pair=causal_conv1d_backend,
     max_conv_width=MAX_CONV_WIDTH,
     priority=20,  # above mamba_ssm's 10: 2.1-3.5x faster forward+backward on the H100 (docs/triton-scan.md)
@@ -134,11 +147,14 @@ register_backend(ScanBackend(
 register_backend(dataclasses.replace(BACKENDS["triton"], name="triton-unfused", reads_column_order=False,
                                      selective_scan_pair=None, causal_conv1d_pair=None, priority=15))
 
-# The same kernels in segments (segmented.py: the sequence cut into segments scanned in parallel, forward and
-# backward, with carry passes between them). Behind its own name until an H200 run says when it wins; `auto`
-# never picks it (priority below triton's and mamba_ssm's).
-from wdmctl.scan.triton.segmented import selective_scan_segmented  # noqa: E402 - after the triton backend above
+# The same kernels, never in segments (`triton` segments where segmented.segments_pay says so): the baseline
+# that `bench train --backends triton-plain,triton` measures the rule against; `auto` never picks it.
+register_backend(dataclasses.replace(BACKENDS["triton"], name="triton-plain", selective_scan=selective_scan_triton,
+                                     selective_scan_pair=selective_scan_triton, priority=6))
 
+# The same kernels always in segments (segmented.py: the sequence cut into segments scanned in parallel,
+# forward and backward, with carry passes between them), at any shape, with `segments` / backward_segments
+# (or WDM_TRITON_SCAN_SEGMENTS) choosing S; `auto` never picks it (priority below triton's and mamba_ssm's).
 register_backend(dataclasses.replace(BACKENDS["triton"], name="triton-segmented",
                                      selective_scan=selective_scan_segmented,
                                      selective_scan_pair=selective_scan_segmented, priority=5))
