@@ -36,11 +36,13 @@ def arm_keys(arm: str) -> list[str]:
 def test_every_ablation_arm_loads_as_a_recipe():
     arms = ablation_arms()
     assert {"cycle", "conv2d", "noconv", "lr2e-4", "uvit", "umamba", "dim"} <= set(arms)
-    for arm in arms + ["noconv+pads"]:
+    for arm in arms + ["noconv+pads", "dim+depth26", "umamba+pads"]:
         recipe = config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys(arm))
         assert recipe.model.preset
     assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("lr2e-4")).optim.lr == 2e-4
     assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("noconv")).model.mixer_conv == "none"
+    stack26 = config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("dim+depth26")).model
+    assert (stack26.preset, stack26.depth) == ("DiM-S/2", 26)   # the plain stack at WD-Mamba's block count
 
 
 def arm_env(arm: str) -> str:
