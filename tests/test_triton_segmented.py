@@ -17,6 +17,18 @@ from test_triton_scan import (CUDA, GRADS, check, compare_with_oracle, interpret
 needs_gpu = pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
 
 
+def reverse_scans_and_gradients(scans: dict, x: dict) -> dict:
+    """{name: [y, and the gradient of every input in GRADS]} of each scan entry on the same inputs, reverse
+    order, softplus, loss sum(y^2)."""
+    results = {}
+    for name, scan in scans.items():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        out = scan(**leaves, delta_softplus=True, reverse=True)
+        out.float().square().sum().backward()
+        results[name] = [out] + [leaves[k].grad for k in GRADS]
+    return results
+
+
 @pytest.fixture
 def segments(monkeypatch):
     """Route compare_with_oracle's scan through the segmented backend with S segments: call with S."""
@@ -83,12 +95,7 @@ def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, ba
     forms = {"auto": backend.selective_scan_triton_auto, "segmented": backend.selective_scan_segmented,
              "auto-copies": functools.partial(backend.selective_scan_triton_auto, token_major_copies=True),
              "plain": backend.selective_scan_triton}
-    results = {}
-    for name, scan in forms.items():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-        out = scan(**leaves, delta_softplus=True, reverse=True)
-        out.float().square().sum().backward()
-        results[name] = [out] + [leaves[k].grad for k in GRADS]
+    results = reverse_scans_and_gradients(forms, x)
     assert asked == [(2, 5, 33)]          # asked once (copies skip the rule), with the pair's 2 rows
     assert backward_counts == [3, 3]      # auto and segmented cut their backward, plain and copies did not
     for name, auto, segmented_result, copies, plain in zip(("y", *GRADS), *results.values()):
@@ -295,14 +302,10 @@ def test_interpreter_segmented_backward_is_deterministic(interpreter, chunk, bac
 def test_interpreter_one_segment_is_the_plain_backward(interpreter, small_chunks, backward_counts):
     # segments=1 runs the triton backend's kernels: its results, bit for bit
     x = scan_case(33, batch=2, d=5, n=3, dtype=torch.bfloat16)
-    results = []
-    for scan in (ts.selective_scan_triton, functools.partial(ts.selective_scan_segmented, segments=1)):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-        out = scan(**leaves, delta_softplus=True, reverse=True)
-        out.float().square().sum().backward()
-        results.append([out] + [leaves[k].grad for k in GRADS])
+    results = reverse_scans_and_gradients({"triton": ts.selective_scan_triton,
+                                           "one segment": functools.partial(ts.selective_scan_segmented, segments=1)}, x)
     assert backward_counts == []
-    for name, first, second in zip(("y", *GRADS), *results):
+    for name, first, second in zip(("y", *GRADS), *results.values()):
         assert torch.equal(first, second), name
 
 
@@ -324,12 +327,7 @@ def test_interpreter_segmented_forward_with_the_plain_backward(interpreter, smal
     forwards = []   # the segment count of every segmented forward
     count = segmented.segment_count
     monkeypatch.setattr(segmented, "segment_count", lambda *a, **k: forwards.append(count(*a, **k)) or forwards[-1])
-    results = {}
-    for name, scan in scans.items():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-        out = scan(**leaves, delta_softplus=True, reverse=True)
-        out.float().square().sum().backward()
-        results[name] = [out] + [leaves[k].grad for k in GRADS]
+    results = reverse_scans_and_gradients(scans, x)
     assert forwards[0] == 3             # the hybrid's forward ran in 3 segments
     assert backward_counts == [3]       # and only the fully segmented run cut its backward
     assert torch.equal(results["hybrid"][0], results["segmented"][0])
