@@ -76,6 +76,11 @@ def test_segments_pay_where_the_h200_measured_a_win():
                   (8, 1536, 1026), (8, 1536, 258),                         # short: not measured to win
                   (16, 1536, 4098)]:                                        # 24K channels: not measured
         assert not ts.segments_pay(*shape), shape
+    # forward only (sampling): 2.27x at 8 x 1536 x 4098 and 1.6x at 16 x 1024 x 1026; 0.58-0.87x at 49K+ channels
+    assert ts.segments_pay(8, 1536, 4098, backward=False) and ts.segments_pay(16, 1024, 1026, backward=False)
+    for shape in [(32, 1536, 1026), (16, 3072, 1026), (64, 1536, 258), (64, 1024, 258), (8, 1536, 258),
+                  (16, 1536, 4098), (128, 1536, 4098)]:   # the last: sampling at batch 64 with guidance
+        assert not ts.segments_pay(*shape, backward=False), shape
 
 
 @pytest.mark.parametrize("pair", [False, True])
@@ -88,7 +93,9 @@ def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, ba
 
     asked = []
     monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 30)   # the interpreter's sequences are short
-    monkeypatch.setattr(backend, "segments_pay", lambda *shape: asked.append(shape) or segmented.segments_pay(*shape))
+    monkeypatch.setattr(backend, "segments_pay",
+                        lambda *shape, backward: asked.append((*shape, backward)) or segmented.segments_pay(
+                            *shape, backward=backward))
     monkeypatch.setenv("WDM_TRITON_SCAN_SEGMENTS", "3")
     x = pair_case(33, batch=1, d=5, n=3, dtype=torch.bfloat16) if pair else scan_case(33, batch=2, d=5, n=3,
                                                                                         dtype=torch.bfloat16)
@@ -96,14 +103,24 @@ def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, ba
              "auto-copies": functools.partial(backend.selective_scan_triton_auto, token_major_copies=True),
              "plain": backend.selective_scan_triton}
     results = reverse_scans_and_gradients(forms, x)
-    assert asked == [(2, 5, 33)]          # asked once (copies skip the rule), with the pair's 2 rows
+    assert asked == [(2, 5, 33, True)]    # asked once (copies skip the rule), with the pair's 2 rows
+    asked.clear()
     assert backward_counts == [3, 3]      # auto and segmented cut their backward, plain and copies did not
     for name, auto, segmented_result, copies, plain in zip(("y", *GRADS), *results.values()):
         assert torch.equal(auto, segmented_result) and torch.equal(copies, plain), name
     monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 34)   # one step longer than the case: plain
-    leaves = {k: v.detach() for k, v in x.items()}
-    assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
+    assert torch.equal(reverse_scans_and_gradients({"auto": backend.selective_scan_triton_auto}, x)["auto"][0],
                        results["plain"][0])
+    # forward only: the forward rule's length threshold decides, not the training one's
+    leaves = {k: v.detach() for k, v in x.items()}
+    monkeypatch.setattr(segmented, "FORWARD_SEGMENTS_MIN_LENGTH", 30)
+    with torch.no_grad():
+        assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
+                           results["segmented"][0])
+    monkeypatch.setattr(segmented, "FORWARD_SEGMENTS_MIN_LENGTH", 34)
+    assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
+                       results["plain"][0])          # no input needs a gradient: forward only as well
+    assert asked == [(2, 5, 33, True), (2, 5, 33, False), (2, 5, 33, False)]
 
 
 def test_bench_scan_times_segmented_per_count_beside_triton():
@@ -448,6 +465,11 @@ def test_gpu_triton_auto_segments_long_sequences(monkeypatch, backward_counts, d
         check(compare_with_oracle(x, "cuda", scan=ts.selective_scan_triton_auto), *tolerances(dtype),
               f"gpu triton auto L={length} {dtype}")
     assert len(backward_counts) == 1 and backward_counts[0] > 1   # only L = 4100 ran in segments
+    # forward only at 1026 steps (sampling): in segments, the segmented scan's output bit for bit
+    inputs = {k: v.cuda() for k, v in scan_case(1026, batch=2, d=96, n=16, dtype=dtype).items()}
+    with torch.no_grad():
+        assert torch.equal(ts.selective_scan_triton_auto(**inputs, delta_softplus=True),
+                           ts.selective_scan_segmented(**inputs, delta_softplus=True))
 
 
 @pytest.mark.parametrize("cfg", ts.BWD_CONFIGS if ts else [])

@@ -82,10 +82,14 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 def selective_scan_triton_auto(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                                reverse=False, column_grid=None, token_major_copies=False, **_):
     """The `triton` backend's scan: selective_scan_segmented where segments pay (segmented.segments_pay: few
-    channels in flight, a long sequence; 2.3x forward+backward at WDM-B/2's 4,096 tokens, batch 8, on the H200),
-    selective_scan_triton otherwise. The choice is by shape alone, so it is the same at every call of a
-    CUDA-graphed step. `triton-plain` never segments, `triton-segmented` always does."""
-    if not token_major_copies and segments_pay(*u.shape):   # a pair's u holds both directions' rows already
+    channels in flight, a long sequence; 2.3x forward+backward at WDM-B/2's 4,096 tokens, batch 8, on the H200;
+    a laxer rule when no backward follows), selective_scan_triton otherwise. The choice is by shape and by
+    whether autograd records the call, so it is the same at every call of a CUDA-graphed step. `triton-plain`
+    never segments, `triton-segmented` always does."""
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    # a pair's u holds both directions' rows already
+    if not token_major_copies and segments_pay(*u.shape, backward=backward):
         return selective_scan_segmented(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid)
     return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, column_grid,
                                  token_major_copies)

@@ -66,18 +66,24 @@ MIN_SEGMENT_STEPS = 32
 
 # When the `triton` backend cuts a scan into segments by itself (segments_pay): few channels in flight and a
 # long sequence. The H200 runs (benchmarks/h200-issue16-scan-model-shapes.json, h200-issue16-scan-segmented-
-# noconv.json; model layout, forward+backward, segmented over plain at the default S): 12,288 channels at
+# noconv.json; model layout, segmented over plain at the default S), forward+backward: 12,288 channels at
 # L 4098 (WDM-B/2's batch 8 at 4,096 tokens) 2.30x, and 1.78x on the whole graphed training step; 16,384 at
-# L 1026 0.95x; 49K-98K channels at L 258-1026 0.59-0.76x. Nothing between 16K channels at L 1026 and 12K at
-# L 4098 has been timed, so the rule takes the measured win and no more.
-SEGMENTS_MAX_CHANNELS = 16 * 1024   # rows x d_inner below this (a bidirectional pair's rows are 2 x batch)
+# L 1026 0.95x; 49K-98K channels at L 258-1026 0.59-0.76x. Forward alone (sampling): 2.27x at 12,288 x 4098,
+# 1.6x at 16,384 x 1026, 0.58-0.87x at 49K-98K channels. Nothing between these has been timed, so each rule
+# takes its measured wins and no more.
+SEGMENTS_MAX_CHANNELS = 16 * 1024   # with a backward: rows x d_inner below this (a pair's rows are 2 x batch)
 SEGMENTS_MIN_LENGTH = 2048
+FORWARD_SEGMENTS_MAX_CHANNELS = 16 * 1024   # forward only: rows x d_inner up to this
+FORWARD_SEGMENTS_MIN_LENGTH = 1024
 
 
-def segments_pay(rows: int, d: int, length: int) -> bool:
-    """Whether the `triton` backend scans (rows, d, length) in segments: fewer than SEGMENTS_MAX_CHANNELS
-    channels in flight and at least SEGMENTS_MIN_LENGTH steps (the measured win above)."""
-    return rows * d < SEGMENTS_MAX_CHANNELS and length >= SEGMENTS_MIN_LENGTH
+def segments_pay(rows: int, d: int, length: int, backward: bool = True) -> bool:
+    """Whether the `triton` backend scans (rows, d, length) in segments (the measured wins above): with a
+    backward to follow, fewer than SEGMENTS_MAX_CHANNELS channels and at least SEGMENTS_MIN_LENGTH steps;
+    forward only, at most FORWARD_SEGMENTS_MAX_CHANNELS channels and at least FORWARD_SEGMENTS_MIN_LENGTH."""
+    if backward:
+        return rows * d < SEGMENTS_MAX_CHANNELS and length >= SEGMENTS_MIN_LENGTH
+    return rows * d <= FORWARD_SEGMENTS_MAX_CHANNELS and length >= FORWARD_SEGMENTS_MIN_LENGTH
 
 
 def segment_count(rows: int, d: int, length: int, segments: int | None = None) -> int:
