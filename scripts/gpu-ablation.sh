@@ -41,6 +41,7 @@ arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 as the
     umamba)         echo 'model.preset="UMamba-S/2"' ;;        # Table 1: one U
     dim)            echo 'model.preset="DiM-S/2"' ;;           # Table 1: DiM-style plain stack
     depth26)        echo 'model.depth=26' ;;                   # with dim (dim+depth26): WDM-S/2's 26 Mamba blocks
+    skipavg)        echo 'model.skip_init="average"' ;;        # long-skip fusions start as (stream + skip) / 2
     *+*)            local a; for a in ${1//+/ }; do arm_overrides "$a"; done ;;   # a combination: cycle's keys for each part
     *) echo "unknown arm: $1" >&2; exit 2 ;;
   esac

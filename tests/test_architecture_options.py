@@ -16,7 +16,7 @@ from wdmctl.models.wdmamba import CYCLE, MambaBlock, SSMBranch
 
 OPTIONS = [dict(), dict(token_order="zigzag"), dict(pad_tokens=3), dict(mixer_conv="2d"), dict(smoother=True),
            dict(mixer_conv="none"), dict(mixer_conv="none", scan="bidirectional"),
-           dict(position_embedding="sincos"), dict(zero_init=True), dict(cycle_offset=2),
+           dict(position_embedding="sincos"), dict(zero_init=True), dict(cycle_offset=2), dict(skip_init="average"),
            dict(scan="bidirectional", token_order="zigzag", pad_tokens=2, mixer_conv="2d", smoother=True,
                 position_embedding="sincos", zero_init=True)]
 
@@ -94,9 +94,43 @@ def test_options_are_checked_with_one_message():
     for bad, message in ((dict(token_order="spiral"), "token_order must be one of"),
                          (dict(mixer_conv="3d"), "mixer_conv must be one of"),
                          (dict(position_embedding="rope"), "position_embedding must be one of"),
+                         (dict(skip_init="identity"), "skip_init must be one of"),
                          (dict(pad_tokens=-1), "pad_tokens must be >= 0")):
         with pytest.raises(ValueError, match=message):
             tiny(**bad)
+
+
+@pytest.mark.parametrize("arch", ["wdmamba", "uvit"])
+def test_average_skip_init_fuses_as_the_mean_of_stream_and_skip(arch):
+    # every long skip's fusion starts as (stream + skip) / 2, for Mamba and transformer blocks alike; the
+    # rest of the model is initialised exactly as with the default (same seed, same draws)
+    preset = "WDM-S/2" if arch == "wdmamba" else "UViT-S/2"
+    models = {}
+    for init in ("xavier", "average"):
+        torch.manual_seed(0)
+        models[init] = build_model(preset, width=32, depth=2, sample_size=8, in_channels=3, num_classes=10,
+                                   d_state=4, num_heads=2, scan_backend="torch", skip_init=init)
+    fusions = [m.skip_linear for m in models["average"].modules() if getattr(m, "skip_linear", None) is not None]
+    assert len(fusions) == (4 if arch == "wdmamba" else 2)   # depth skips per U
+    stream, skip = torch.randn(5, 32), torch.randn(5, 32)
+    for fusion in fusions:
+        torch.testing.assert_close(fusion(torch.cat([stream, skip], -1)), (stream + skip) / 2)
+    xavier = dict(models["xavier"].named_parameters())
+    for name, p in models["average"].named_parameters():
+        if "skip_linear" not in name or name.endswith("bias"):   # both inits zero the fusion's bias
+            assert torch.equal(p, xavier[name]), name
+        else:
+            assert not torch.equal(p, xavier[name]), name
+
+
+def test_average_skip_init_changes_nothing_without_skips():
+    models = []
+    for init in ("xavier", "average"):
+        torch.manual_seed(0)
+        models.append(build_model("DiM-S/2", width=32, depth=3, sample_size=8, in_channels=3, d_state=4,
+                                  scan_backend="torch", skip_init=init))
+    for (name, a), (_, b) in zip(*(m.named_parameters() for m in models)):
+        assert torch.equal(a, b), name
 
 
 def test_zero_init_starts_as_a_constant_prediction():

@@ -221,6 +221,24 @@ def test_a_run_from_before_a_preset_default_changed_is_not_resumed_under_the_new
     assert plan.run_dir == old and plan.resume_from is not None
 
 
+def test_a_run_from_before_a_model_key_existed_resumes(digits_cache, tmp_path):
+    # a run's recipe.toml written before a model key was added (here: skip_init) lacks the key; its model is
+    # the key's default, so `train` resumes it instead of calling it a different model
+    from wdmctl.train.plan import plan_run
+
+    runs = tmp_path / "runs"
+    old = train(config.load_recipe(RECIPES / "quickstart.toml", tiny(digits_cache)), "quickstart", runs_dir=runs)
+    text = (old / "recipe.toml").read_text()
+    assert 'skip_init = "xavier"' in text
+    (old / "recipe.toml").write_text(text.replace('skip_init = "xavier"\n', ""))
+    plan = plan_run(config.load_recipe(RECIPES / "quickstart.toml", tiny(digits_cache)), "quickstart", runs)
+    assert plan.run_dir == old and plan.resume_from is not None, plan.notes
+    # a real change of the key is still a different model
+    changed = plan_run(config.load_recipe(RECIPES / "quickstart.toml", tiny(digits_cache) + ['model.skip_init="average"']),
+                       "quickstart", runs)
+    assert changed.run_dir is None and any("model.skip_init 'xavier' -> 'average'" in n for n in changed.notes)
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(digits_cache, tmp_path):
     runs = tmp_path / "runs"
     result = run_train(RECIPES / "quickstart.toml", runs, tiny(digits_cache), "--dry-run")

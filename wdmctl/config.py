@@ -434,6 +434,17 @@ def _constructor_defaults() -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
+def with_model_defaults(recipe: Recipe) -> Recipe:
+    """A run's resolved recipe with the model keys it lacks set to the model's defaults. A resolved recipe
+    sets every model key that existed when it was written; a key added since (e.g. `skip_init`) is absent
+    there, and that run's model is the one the key's default describes (a new key's default keeps the
+    behaviour from before it), so comparing with today's resolved recipe must not count it as a change."""
+    defaults = _constructor_defaults()
+    model = dataclasses.replace(recipe.model, **{k: defaults[k] for k in MODEL_KEYS
+                                                 if getattr(recipe.model, k) is None and k in defaults})
+    return dataclasses.replace(recipe, model=model)
+
+
 def resolve(recipe: Recipe, manifest: dict[str, Any] | None) -> Recipe:
     """A copy of `recipe` with every model field filled: explicit settings, then the cache manifest
     (channels, size, classes), then the preset, then the model's defaults. Refuses a manifest that

@@ -60,10 +60,11 @@ SCAN_MODES = ("cycle", "bidirectional")
 TOKEN_ORDERS = ("raster", "zigzag")
 MIXER_CONVS = ("causal1d", "2d", "none")
 POSITION_EMBEDDINGS = ("learned", "sincos")
+SKIP_INITS = ("xavier", "average")
 CYCLE = ("row", "row_reverse", "column", "column_reverse")
 # the vocabulary of every string argument of WDMamba, checked by the constructor and by recipe validation
 CHOICES = {"arch": ARCHS, "scan": SCAN_MODES, "token_order": TOKEN_ORDERS, "mixer_conv": MIXER_CONVS,
-           "position_embedding": POSITION_EMBEDDINGS}
+           "position_embedding": POSITION_EMBEDDINGS, "skip_init": SKIP_INITS}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,6 +361,10 @@ class WDMamba(ModelMixin, ConfigMixin):
         position_embedding: "learned" table (interpolated for other sizes) or fixed 2-D "sincos" for the patches.
         zero_init: adaLN-Zero: every block's gate and the output projection start at zero, so the
             network starts as the identity on its residual stream and predicts zero noise (DiT).
+        skip_init: how each long skip's fusion, Linear(2D -> D) over [stream, skip], starts: "xavier" (U-ViT's:
+            a random mix, so the residual stream is scrambled at every fusion) or "average" ([I/2, I/2], zero
+            bias: the mean of stream and skip, HDiT's learnable lerp at its initial 0.5). No effect without
+            long skips (arch "stack").
         num_heads, mlp_ratio: transformer sizes (uvit only).
         scan_backend: default selective-scan backend ("auto", "torch", "mamba_ssm", ...).
     """
@@ -387,13 +392,15 @@ class WDMamba(ModelMixin, ConfigMixin):
         smoother: bool = False,
         position_embedding: str = "learned",
         zero_init: bool = False,
+        skip_init: str = "xavier",
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         scan_backend: str = "auto",
     ):
         super().__init__()
         for name, value in (("arch", arch), ("scan", scan), ("token_order", token_order),
-                            ("mixer_conv", mixer_conv), ("position_embedding", position_embedding)):
+                            ("mixer_conv", mixer_conv), ("position_embedding", position_embedding),
+                            ("skip_init", skip_init)):
             if value not in CHOICES[name]:
                 raise ValueError(f"{name} must be one of {CHOICES[name]}, not {value!r}")
         if pad_tokens < 0:
@@ -469,6 +476,15 @@ class WDMamba(ModelMixin, ConfigMixin):
             for conv in self.smoothers:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
+        if self.config.skip_init == "average":
+            # the fusion starts as (stream + skip) / 2: the stream passes every fusion unscrambled
+            with torch.no_grad():
+                for module in self.modules():
+                    fusion = getattr(module, "skip_linear", None)
+                    if isinstance(fusion, nn.Linear):
+                        half = torch.eye(fusion.out_features, dtype=fusion.weight.dtype) / 2
+                        fusion.weight.copy_(torch.cat([half, half], dim=1))
+                        nn.init.zeros_(fusion.bias)
         if self.config.zero_init:
             # adaLN-Zero (DiT): gate = 0 in every block (shared projection's gate third and each table's gate
             # row), and a zero output projection

@@ -114,7 +114,7 @@ def _recipe_changes(run: Path, recipe: cfg.Recipe):
     path = run / "recipe.toml"
     if not path.exists():
         return None
-    old = cfg.read_recipe_file(path)
+    old = cfg.with_model_defaults(cfg.read_recipe_file(path))   # keys added since the run: their defaults
     everything = cfg.differences(old, recipe)
     hard = cfg.differences(old, recipe, ignore=cfg.RESUMABLE_KEYS)
     return hard, [c for c in everything if c not in hard]
