@@ -20,7 +20,8 @@ set -euo pipefail
 
 arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 as the presets define it when the arm
                    # runs (the first ablation's default had Mamba's conv1d, the stripe ablation's the 2-D conv;
-                   # since then it has no local conv, so `noconv` is the same model as `cycle`)
+                   # since then it has no local conv, so `noconv` is the same model as `cycle`, and since the
+                   # skip-init ablation its fusions start as the mean, so `skipavg` is too)
   case $1 in
     cycle)          echo "" ;;
     bidirectional)  echo 'model.scan="bidirectional"' ;;
@@ -41,7 +42,9 @@ arm_overrides() {  # the recipe keys of each arm: one change from WDM-S/2 as the
     umamba)         echo 'model.preset="UMamba-S/2"' ;;        # Table 1: one U
     dim)            echo 'model.preset="DiM-S/2"' ;;           # Table 1: DiM-style plain stack
     depth26)        echo 'model.depth=26' ;;                   # with dim (dim+depth26): WDM-S/2's 26 Mamba blocks
-    skipavg)        echo 'model.skip_init="average"' ;;        # long-skip fusions start as (stream + skip) / 2
+    skipavg)        echo 'model.skip_init="average"' ;;        # long-skip fusions start as (stream + skip) / 2: WDM's
+                                                               # default since the skip-init ablation (umamba+skipavg)
+    skipxavier)     echo 'model.skip_init="xavier"' ;;         # U-ViT's random fusions: WDM's default before it
     *+*)            local a; for a in ${1//+/ }; do arm_overrides "$a"; done ;;   # a combination: cycle's keys for each part
     *) echo "unknown arm: $1" >&2; exit 2 ;;
   esac

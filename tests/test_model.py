@@ -56,6 +56,16 @@ def test_plain_stack_has_no_long_skips_and_trains_every_parameter():
     assert abs(EXPECTED_PARAMS["UViT-B/2"] / EXPECTED_PARAMS["WDM-B/2"] - 1) < 0.02
 
 
+def test_only_the_wnet_presets_start_their_skip_fusions_as_the_mean():
+    # issue 15's skip-init ablation chose "average" for WD-Mamba; U-Mamba keeps the xavier its Table 1 rows were
+    # measured with, and U-ViT its paper's
+    for name in PRESETS:
+        expected = "average" if name.startswith("WDM-") else "xavier"
+        assert build_model(name, width=8, depth=1, num_heads=2).config.skip_init == expected, name
+    fusions = [b.skip_linear for b in tiny().modules() if isinstance(b, MambaBlock) and b.skip_linear is not None]
+    assert len(fusions) == 2 * 2 and all(torch.equal(f.weight, torch.eye(32).repeat(1, 2) / 2) for f in fusions)
+
+
 @pytest.mark.parametrize("name", ["WDM-S/2", "UMamba-B/2", "UViT-S/2"])
 def test_presets_run_forward_on_cpu(name):
     model = build_model(name).eval()

@@ -44,6 +44,7 @@ def test_every_ablation_arm_loads_as_a_recipe():
     stack26 = config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("dim+depth26")).model
     assert (stack26.preset, stack26.depth) == ("DiM-S/2", 26)   # the plain stack at WD-Mamba's block count
     assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("skipavg")).model.skip_init == "average"
+    assert config.load_recipe(ROOT / "recipes" / "cifar10.toml", arm_keys("skipxavier")).model.skip_init == "xavier"
 
 
 def arm_env(arm: str) -> str:

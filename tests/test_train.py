@@ -194,29 +194,31 @@ def test_a_run_in_use_is_not_written_by_a_second_process(digits_cache, tmp_path)
     assert latest_checkpoint(run).name == "step-0000003" and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("key, before, after", [("mixer_conv", "2d", "none"), ("skip_init", "xavier", "average")])
 def test_a_run_from_before_a_preset_default_changed_is_not_resumed_under_the_new_default(digits_cache, tmp_path,
-                                                                                         monkeypatch):
-    # issue 15 changed the Mamba presets' mixer_conv from "2d" to "none": a run trained under the old default
-    # records "2d" in its recipe.toml, so `train` under the new default starts a new run and says why, and
-    # setting the old value explicitly resumes the old run
+                                                                                         monkeypatch, key, before,
+                                                                                         after):
+    # issue 15 changed WDM-S/2's defaults twice (mixer_conv "2d" -> "none", skip_init "xavier" -> "average"): a
+    # run trained under the old default records it in its recipe.toml, so `train` under the new default starts a
+    # new run and says why, and setting the old value explicitly resumes the old run
     from wdmctl.models.presets import PRESETS
     from wdmctl.train.plan import plan_run
 
-    def quickstart_without_a_conv_setting():
+    def quickstart_leaving_the_key_to_the_preset():
         recipe = config.load_recipe(RECIPES / "quickstart.toml", tiny(digits_cache))
-        recipe.model.mixer_conv = None   # as in a recipe that leaves the mixer to the preset
+        setattr(recipe.model, key, None)   # as in a recipe that leaves the key to the preset
         return recipe
 
     runs = tmp_path / "runs"
-    monkeypatch.setitem(PRESETS["WDM-S/2"], "mixer_conv", "2d")
-    old = train(quickstart_without_a_conv_setting(), "quickstart", runs_dir=runs)
-    assert 'mixer_conv = "2d"' in (old / "recipe.toml").read_text()
+    monkeypatch.setitem(PRESETS["WDM-S/2"], key, before)
+    old = train(quickstart_leaving_the_key_to_the_preset(), "quickstart", runs_dir=runs)
+    assert f'{key} = "{before}"' in (old / "recipe.toml").read_text()
     monkeypatch.undo()
-    plan = plan_run(quickstart_without_a_conv_setting(), "quickstart", runs)
-    assert plan.run_dir is None and plan.recipe.model.mixer_conv == "none"
-    assert any("not resuming" in n and "model.mixer_conv '2d' -> 'none'" in n for n in plan.notes), plan.notes
-    pinned = quickstart_without_a_conv_setting()
-    pinned.model.mixer_conv = "2d"
+    plan = plan_run(quickstart_leaving_the_key_to_the_preset(), "quickstart", runs)
+    assert plan.run_dir is None and getattr(plan.recipe.model, key) == after
+    assert any("not resuming" in n and f"model.{key} '{before}' -> '{after}'" in n for n in plan.notes), plan.notes
+    pinned = quickstart_leaving_the_key_to_the_preset()
+    setattr(pinned.model, key, before)
     plan = plan_run(pinned, "quickstart", runs)
     assert plan.run_dir == old and plan.resume_from is not None
 
