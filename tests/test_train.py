@@ -474,6 +474,26 @@ def test_grid_labels_and_loss_curve(tmp_path):
     assert plot_loss([], [], tmp_path / "empty.png")  # no records yet: an empty frame, no error
 
 
+@pytest.mark.parametrize("low, high, expected, hidden", [
+    (36.0, 80.0, {"40", "50", "60", "70", "80"}, set()),                # within a decade: every tick
+    (0.03, 0.7, {"0.05", "0.1", "0.2", "0.5"}, {"0.03", "0.04", "0.07"}),  # across decades: the 1-2-5 ticks
+])
+def test_log_axes_are_labelled_in_plain_numbers(low, high, expected, hidden):
+    from wdmctl.train.plot import log_y_axis, matplotlib_pyplot
+
+    plt = matplotlib_pyplot()
+    fig, ax = plt.subplots()
+    try:
+        ax.plot([0, 1], [low, high])
+        log_y_axis(ax)
+        fig.canvas.draw()
+        labels = {t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor)} - {""}
+    finally:
+        plt.close(fig)
+    assert expected <= labels and not labels & hidden, labels
+    assert not any("10^" in text or "\\times" in text or "e-" in text for text in labels), labels
+
+
 def test_without_matplotlib_the_run_notes_it_once(tmp_path, monkeypatch):
     from wdmctl.train import plot
     from wdmctl.train.report import Reporter

@@ -32,7 +32,7 @@ import numpy as np
 from wdmctl.core.io import write_bytes_atomic, write_text_atomic
 from wdmctl.errors import WdmError
 from wdmctl.runs import find_run
-from wdmctl.train.plot import matplotlib_pyplot
+from wdmctl.train.plot import log_y_axis, matplotlib_pyplot
 
 OUTPUTS = ("loss.png", "fid-images.png", "fid-time.png", "report.md")
 
@@ -175,7 +175,7 @@ def _figure(plt, series: list[tuple[str, list[float], list[float]]], xlabel: str
                 ax.plot([x for x, _ in points], [y for _, y in points], label=label, linewidth=1.5,
                         marker="o" if len(points) < 30 else None, markersize=3)
         if log_y:
-            ax.set_yscale("log")
+            log_y_axis(ax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)

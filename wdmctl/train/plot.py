@@ -21,6 +21,25 @@ def matplotlib_pyplot():
     return plt
 
 
+def log_y_axis(ax) -> None:
+    """A log y axis labelled in plain numbers ("40", "0.05"), not matplotlib's "4x10^1": FID and loss
+    curves often span less than a decade, where the default labels only minor ticks, in that notation. Within
+    a decade every tick is labelled; across more, the 1-2-5 ticks."""
+    from matplotlib.ticker import FuncFormatter  # matplotlib is optional: only plotting imports it
+
+    ax.set_yscale("log")
+
+    def label(value: float, _position) -> str:
+        if value <= 0:
+            return ""
+        low, high = ax.get_ylim()
+        leading = round(value / 10 ** math.floor(math.log10(value)))
+        return f"{value:g}" if high / low < 10 or leading in (1, 2, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
+
+
 def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: str = "training loss") -> bool:
     """Loss against step on a log axis, as a PNG written atomically. Non-finite and non-positive losses
     (skipped steps) are left out. False, and nothing written, without matplotlib."""
@@ -34,7 +53,7 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
         if points:
             ax.plot([s for s, _ in points], [loss for _, loss in points], color="navy", linewidth=1.5,
                     marker="o" if len(points) == 1 else None)
-            ax.set_yscale("log")
+            log_y_axis(ax)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(title, fontsize=10)
