@@ -107,18 +107,20 @@ case $cmd in
   steps)    # BUDGET SOLO_JSON ARM...: "ARM STEPS" a line each. BUDGET is steps (every arm the same) or Nmin: N
             # GPU-minutes at the arm's solo speed in SOLO_JSON (a bench train JSON), N x 60 x images/s / batch
     budget=$1 solo=$2; shift 2
-    arm_recipes "$@" | python -c 'import json, os, sys
+    arm_recipes "$@" | python -c 'import os, sys
+from wdmctl.apps.report import solo_speeds
+from wdmctl.errors import WdmError
 budget, solo = sys.argv[1:]
+arms = [line.split() for line in sys.stdin if line.strip()]   # read all first: an early exit breaks no pipe
 if not (budget.isdigit() or budget.endswith("min")):
     sys.exit(f"budget must be steps or Nmin (GPU-minutes at solo speed), not {budget!r}")
 if budget.endswith("min") and not os.path.exists(solo):
     sys.exit(f"{budget} needs the solo speeds, and {solo} does not exist")
-speeds = {}
-for row in (json.load(open(solo)).get("results", []) if budget.endswith("min") else []):
-    if row.get("images_per_s"):  # the fastest row of each preset, as wdmctl report --solo-speed reads it
-        speeds[row["preset"]] = max(row["images_per_s"], speeds.get(row["preset"], 0))
-for line in sys.stdin:
-    arm, preset, batch = line.split()
+try:  # read as wdmctl report --solo-speed reads it: the fastest row of each preset
+    speeds = solo_speeds([solo]) if budget.endswith("min") else {}
+except WdmError as error:
+    sys.exit(str(error))
+for arm, preset, batch in arms:
     if budget.isdigit():
         print(arm, budget)
     elif preset not in speeds:
