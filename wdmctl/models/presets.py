@@ -24,9 +24,10 @@ _LATENT_256 = dict(sample_size=32, in_channels=4, patch_size=2, num_classes=1000
 _MAMBA = dict(mixer_conv="none")
 # The W-Net's 12 long-skip fusions start as the mean of stream and skip (`skip_init = "average"`), not as
 # U-ViT's random xavier mix: in issue 15's skip-init ablation (two seeds, 4,000 steps, CIFAR-10,
-# docs/results.md) that one change took WDM-S/2's FID-10K from 44.6 / 45.9 to 36.4 / 36.7, past U-ViT at
-# equal GPU time and level with the DiM-style stack. U-Mamba keeps xavier, the init its Table 1 rows were
-# measured with; U-ViT keeps its paper's. `skip_init = "xavier"` in a recipe restores the old start.
+# docs/results.md) that one change took WDM-S/2's FID-10K from 44.6 / 45.9 to 36.4 / 36.7 (35.5 / 39.3 in a
+# second session), past U-ViT at equal GPU time and level with the DiM-style stack. U-Mamba keeps xavier:
+# averaging made it worse (47.5 / 139.6 against 43.1 / 105.3); U-ViT keeps its paper's.
+# `skip_init = "xavier"` in a recipe restores the old start.
 _WNET = dict(**_MAMBA, arch="wdmamba", skip_init="average")
 
 PRESETS: dict[str, dict[str, Any]] = {
