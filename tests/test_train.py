@@ -476,7 +476,8 @@ def test_grid_labels_and_loss_curve(tmp_path):
 
 @pytest.mark.parametrize("low, high, expected, hidden", [
     (36.0, 80.0, {"40", "50", "60", "70", "80"}, set()),                # within a decade: every tick
-    (0.03, 0.7, {"0.05", "0.1", "0.2", "0.5"}, {"0.03", "0.04", "0.07"}),  # across decades: the 1-2-5 ticks
+    (33.0, 145.0, {"40", "90", "100", "150"}, set()),                   # past a power of ten: 1.5x labelled
+    (0.03, 0.7, {"0.05", "0.1", "0.2", "0.5"}, {"0.03", "0.04", "0.07", "0.15"}),  # across decades: 1-2-5
 ])
 def test_log_axes_are_labelled_in_plain_numbers(low, high, expected, hidden):
     from wdmctl.train.plot import log_y_axis, matplotlib_pyplot

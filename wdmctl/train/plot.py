@@ -24,17 +24,19 @@ def matplotlib_pyplot():
 def log_y_axis(ax) -> None:
     """A log y axis labelled in plain numbers ("40", "0.05"), not matplotlib's "4x10^1": FID and loss
     curves often span less than a decade, where the default labels only minor ticks, in that notation. Within
-    a decade every tick is labelled; across more, the 1-2-5 ticks."""
-    from matplotlib.ticker import FuncFormatter  # matplotlib is optional: only plotting imports it
+    a decade every tick is labelled, with one at 1.5x each power of ten, so that a range such as 33-145 has
+    a label above 100; across more, only the 1-2-5 ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator  # matplotlib is optional: only plotting imports it
 
     ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
 
     def label(value: float, _position) -> str:
         if value <= 0:
             return ""
         low, high = ax.get_ylim()
-        leading = round(value / 10 ** math.floor(math.log10(value)))
-        return f"{value:g}" if high / low < 10 or leading in (1, 2, 5) else ""
+        mantissa = float(f"{value:e}".split("e")[0])   # 150 -> 1.5, 0.05 -> 5.0: exact, unlike log10
+        return f"{value:g}" if high / low < 10 or mantissa in (1.0, 2.0, 5.0) else ""
 
     ax.yaxis.set_major_formatter(FuncFormatter(label))
     ax.yaxis.set_minor_formatter(FuncFormatter(label))
