@@ -315,7 +315,18 @@ def test_graphed_step_hands_found_inf_to_the_torch_optimizer_under_accelerate():
     inner = torch.optim.AdamW(net.parameters(), lr=1e-3)
     from wdmctl.train.graphed import GraphedStep
 
-    step = GraphedStep(net, AcceleratedOptimizer(inner, device_placement=False), torch.ones(10), None, 0.0, 1.0)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # AcceleratedOptimizer reads the process's AcceleratorState, which only an Accelerator creates: without
+    # one the test passed or failed by which test ran before it in the worker, and a half-made state broke
+    # the next test's Accelerator. So it makes its own state and leaves none behind.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        Accelerator(cpu=True)
+        step = GraphedStep(net, AcceleratedOptimizer(inner, device_placement=False), torch.ones(10), None, 0.0, 1.0)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert inner.found_inf is step.found_inf
     assert all(g["lr"] is step.lr and g["capturable"] for g in inner.param_groups)
 
