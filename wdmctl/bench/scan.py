@@ -40,7 +40,8 @@ def scan_inputs(batch: int, d: int, length: int, n: int = 16, dtype=torch.bfloat
     layout "model": the strided views the model passes; "contiguous": (batch, d, L) contiguous copies
     (a calling layout, CALLING_LAYOUTS: its inputs' layout)."""
     layout = input_layout(layout)
-    g = torch.Generator(device=device).manual_seed(seed)
+    # on the meta device (shapes and strides only: `bench sass`) there is nothing to draw
+    g = None if str(device) == "meta" else torch.Generator(device=device).manual_seed(seed)
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device=device) * scale

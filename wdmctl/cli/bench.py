@@ -65,6 +65,38 @@ def _precisions(text: str, option: str) -> list[str]:
     return words
 
 
+def parse_scan_shapes(text: str) -> list[tuple[int, int, int]]:
+    """`64x1536x258,8x1536x4098` -> [(batch, d_inner, L), ...]."""
+    try:
+        parsed = [tuple(int(v) for v in s.lower().split("x")) for s in _words(text)]
+    except ValueError:
+        parsed = []
+    if not parsed or any(len(s) != 3 or min(s) < 1 for s in parsed):
+        raise WdmError(f"--shapes must look like 64x3072x258[,...], not {text!r}")
+    return parsed
+
+
+def parse_kernel_configs(text: str | None) -> dict[str, tuple] | None:
+    """`fwd=32,1;bwd1=32,1,168` -> {"fwd": (32, 1), "bwd1": (32, 1, 168)}: launch configs (BD, warps[, maxnreg])
+    per scan kernel kind."""
+    if text is None:
+        return None
+    from wdmctl.bench.sass import DEFAULT_CONFIGS
+
+    configs = {}
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        kind, _, values = part.partition("=")
+        try:
+            config = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            config = ()
+        if kind.strip() not in DEFAULT_CONFIGS or len(config) not in (2, 3) or min(config) < 1:
+            raise WdmError(f"--configs takes KIND=BD,WARPS[,MAXNREG] for {', '.join(DEFAULT_CONFIGS)} separated by "
+                           f"';', not {text!r}")
+        configs[kind.strip()] = config
+    return {**DEFAULT_CONFIGS, **configs}
+
+
 def scan_overrides(scan: str | None, runs: list[tuple[str, str]]) -> dict[str, dict]:
     """Model overrides per preset for --scan (checked here, before any run): none for the presets' own mode
     or a U-ViT, else {"scan": mode}."""
@@ -270,12 +302,7 @@ def bench_scan(
     if _device_type() != "cuda":
         raise WdmError("`wdmctl bench scan` needs a CUDA GPU")
     dtype = torch_dtype(precision)
-    try:
-        parsed = [tuple(int(v) for v in s.lower().split("x")) for s in _words(shapes)]
-    except ValueError:
-        parsed = []
-    if not parsed or any(len(s) != 3 or min(s) < 1 for s in parsed):
-        raise WdmError(f"--shapes must look like 64x3072x258[,...], not {shapes!r}")
+    parsed = parse_scan_shapes(shapes)
     from wdmctl.bench.scan import LAYOUTS
 
     wanted_layouts = tuple(_words(layouts))
@@ -290,6 +317,28 @@ def bench_scan(
     payload = benchmark_scan(parsed, n=d_state, dtype=dtype, iters=iters, backends=tuple(_words(backends)),
                              profile=profile, layouts=wanted_layouts, segments=counts, convs=convs,
                              on_row=lambda rows, total: save_so_far(out, "selective_scan", rows, total, key="rows"))
+    typer.echo(write_json(out, payload))
+
+
+@bench_app.command("sass")
+def bench_sass(
+    shapes: str = typer.Option("64x1536x258,32x1536x1026,8x1536x4098",
+                               help="Comma-separated batch x d_inner x L shapes (default: WDM-B/2's scans at 256, "
+                               "1,024 and 4,096 tokens)."),
+    measured: Optional[Path] = typer.Option(None, "--measured", exists=True, dir_okay=False,
+                                            help="A `bench scan` JSON (with triton rows and its profile): its GPU, "
+                                            "the configs its tuner chose and its per-kernel times."),
+    configs: Optional[str] = typer.Option(None, "--configs", help="Launch configs where no --measured run names "
+                                          "them: 'fwd=32,1;bwd1=32,1,168;bwd2=32,1,168' (the H200's at 256 tokens)."),
+    out: Optional[str] = options.JSON_OUT,
+) -> None:
+    """The triton scan kernels' step loops read from their sm_90 machine code (no GPU needed): instructions per
+    step by class, registers, occupancy, and the time no scheduling can beat, beside a measured run's."""
+    from wdmctl.bench.sass import benchmark_sass
+    from wdmctl.core.device import write_json
+
+    payload = benchmark_sass(parse_scan_shapes(shapes), measured=str(measured) if measured else None,
+                             configs=parse_kernel_configs(configs))
     typer.echo(write_json(out, payload))
 
 

@@ -19,8 +19,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # ----------------------------------------------------------------------------------------------------
 # Elementwise helpers (per channel, not per state). With one channel per thread they are not amortised
-# over anything, so they use the hardware approximations (ex2/lg2/rcp, ~2 ulp) instead of the accurate
-# library log and IEEE division, which cost ~60 instructions per step (measured in the SASS).
+# over anything, so they use the hardware approximations (ex2/rcp, ~2 ulp) instead of IEEE division and the
+# natural-log library call, which cost ~60 instructions per step (measured in the SASS). tl.log2 stays the accurate one (a
+# ~15-FFMA polynomial, not MUFU.LG2: `wdmctl bench sass`): Kahan's log1p below needs it exact near 1.
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import triton
 from triton.runtime.errors import OutOfResources, PTXASError
@@ -31,11 +32,29 @@ TUNE_MIN_CHANNELS = 8192  # batch * d below this: small problems (tests) skip tu
 _TUNED: dict[tuple, tuple] = {}
 
 
+_FORCED: dict[str, tuple] = {}
+
+
+@contextmanager
+def forced_configs(configs: dict[str, tuple]):
+    """Within the block, the kernels of these kinds ("fwd", "bwd1", "bwd2", ...) launch with these configs and
+    nothing is timed: how `bench sass` compiles the configs a GPU's tuner chose, on a machine without one."""
+    saved = dict(_FORCED)
+    _FORCED.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
 def _choose(kind: str, key: tuple, channels: int, launch, configs, default):
-    """Pick a config (BD, num_warps, or a conv tile) for one kernel and problem: the env override
-    WDM_TRITON_SCAN_CONFIG="BD,warps[,maxnreg]" (scan kernels, for profiling), the default for small problems and the
-    interpreter, else the fastest config measured once on the real arguments (every config writes only its
-    own outputs, so trial runs are harmless)."""
+    """Pick a config (BD, num_warps, or a conv tile) for one kernel and problem: a forced one (forced_configs), the
+    env override WDM_TRITON_SCAN_CONFIG="BD,warps[,maxnreg]" (scan kernels, for profiling), the default for small
+    problems and the interpreter, else the fastest config measured once on the real arguments (every config
+    writes only its own outputs, so trial runs are harmless)."""
+    if kind in _FORCED:
+        return _FORCED[kind]
     override = os.environ.get("WDM_TRITON_SCAN_CONFIG")
     if override and not kind.startswith("conv"):
         return tuple(int(v) for v in override.split(","))
