@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -666,6 +667,13 @@ def test_step_profile_groups_kernels_by_category():
     from wdmctl.core.timing import kernel_category, step_profile
 
     assert kernel_category("_scan_bwd2_kernel") == "selective scan"
+    # every Triton kernel of the scan modules, read from their source so that a new pass cannot be filed under
+    # "elementwise" (the segmented scan's state, carry and dh passes once were, in an H200 profile)
+    scan_dir = Path(__file__).resolve().parent.parent / "wdmctl" / "scan" / "triton"
+    scan_kernels = [name for module in ("scan_kernels.py", "segmented_kernels.py")
+                    for name in re.findall(r"^def (_\w+_kernel)\(", (scan_dir / module).read_text(), re.M)]
+    assert len(scan_kernels) >= 7 and "_seg_carry_kernel" in scan_kernels
+    assert {kernel_category(name) for name in scan_kernels} == {"selective scan"}
     assert kernel_category("_causal_conv1d_fwd_kernel") == "causal conv1d"
     assert kernel_category("_conv_bwd_kernel") == kernel_category("_conv_fwd_kernel") == "causal conv1d"  # ours
     assert kernel_category("_grid_conv_bwd_pre_kernel") == kernel_category("_grid_conv_fwd_kernel") == "2-D conv"

@@ -84,8 +84,9 @@ def profile_kernels(fn: Callable[[], Any], iters: int = 5) -> list[dict[str, Any
 
 # Kernel-name fragments per category, checked in this order (first match wins).
 KERNEL_CATEGORIES = (
-    # ours, mamba-ssm's, and ONNX Runtime's LinearAttention, which the linear-attention export runs the scan as
-    ("selective scan", ("_scan_", "selective_scan", "_pack_bc", "linearattention", "linear_attention")),
+    # ours (the segmented scan's passes are _seg_*), mamba-ssm's, and ONNX Runtime's LinearAttention, which the
+    # linear-attention export runs the scan as
+    ("selective scan", ("_scan_", "_seg_", "selective_scan", "_pack_bc", "linearattention", "linear_attention")),
     # before the convs: cuDNN's fused attention is named cudnn_generated_..._sdpa_... (on the H200 it was filed
     # under "2-D conv" while that came first)
     ("attention", ("flash", "fmha", "attention", "sdpa")),
