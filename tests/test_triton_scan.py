@@ -773,16 +773,18 @@ def test_gpu_output_layout_and_determinism():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [258, 1026])
+@pytest.mark.parametrize("triton_backend", ["triton-plain", "triton-segmented"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or ts is None, reason="needs a CUDA device and triton")
-def test_gpu_matches_mamba_ssm(dtype, length):
+def test_gpu_matches_mamba_ssm(dtype, length, triton_backend):
+    # both kernel paths by name: `triton` picks between them by shape (segmented.segments_pay)
     pytest.importorskip("mamba_ssm")
     from wdmctl.bench.scan import scan_inputs
 
     x = scan_inputs(4, 256, length, 16, dtype, "model", seed=length)
     dy = torch.randn(4, 256, length, device="cuda", dtype=dtype)
     results = []
-    for backend in ("mamba_ssm", "triton"):
+    for backend in ("mamba_ssm", triton_backend):
         ins = {k: v.detach().requires_grad_(True) for k, v in x.items()}
         from wdmctl.scan import selective_scan
 
@@ -792,7 +794,7 @@ def test_gpu_matches_mamba_ssm(dtype, length):
     (ref, ref_g), (out, out_g) = results
     errs = {"y": rel(out, ref), **{"d" + k: rel(out_g[k], ref_g[k]) for k in GRADS}}
     tol = 1e-3 if dtype == torch.float32 else 2e-2
-    check(errs, tol, tol, f"gpu vs mamba_ssm {dtype} L={length}")
+    check(errs, tol, tol, f"gpu {triton_backend} vs mamba_ssm {dtype} L={length}")
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])

@@ -66,20 +66,24 @@ def test_auto_never_picks_segmented_or_plain():
 
 
 def test_segments_pay_where_the_h200_measured_a_win():
-    # the `triton` backend's rule against the H200 rows it comes from (model layout, forward+backward,
-    # segmented / plain): a win at 8 x 1536 x 4098 (2.30x), losses at every other measured shape
+    # the `triton` backend's rule against the H200 rows it comes from (model layout, segmented / plain)
     if ts is None:
         pytest.skip("triton is not installed")
-    assert ts.segments_pay(8, 1536, 4098)                       # WDM-B/2, 4,096 tokens, batch 8: 2.30x
+    # forward+backward: wins at L 4098 up to 24K channels, and at 12K channels from L 1026
+    for shape in [(8, 1536, 4098), (16, 1024, 4098), (8, 2304, 4098), (16, 1536, 4098),  # 2.30x 1.69x 1.64x 1.21x
+                  (8, 1536, 2050), (8, 1536, 1026)]:                                    # 2.18x 1.68x
+        assert ts.segments_pay(*shape), shape
     for shape in [(16, 1024, 1026), (32, 1536, 1026), (16, 3072, 1026),    # 0.95x, 0.72x, 0.71x
                   (64, 1536, 258), (64, 1024, 258), (64, 3072, 258),       # 0.73x, 0.59x, 1.00x
-                  (8, 1536, 1026), (8, 1536, 258),                         # short: not measured to win
-                  (16, 1536, 4098)]:                                        # 24K channels: not measured
+                  (8, 1536, 258),                                          # short: not measured to win
+                  (16, 1536, 2050), (32, 1536, 4098)]:                     # 24K at 2,048 tokens, 49K: not measured
         assert not ts.segments_pay(*shape), shape
-    # forward only (sampling): 2.27x at 8 x 1536 x 4098 and 1.6x at 16 x 1024 x 1026; 0.58-0.87x at 49K+ channels
-    assert ts.segments_pay(8, 1536, 4098, backward=False) and ts.segments_pay(16, 1024, 1026, backward=False)
+    # forward only (sampling): 2.27x at 8 x 1536 x 4098, 1.13x at 16 x 1536 x 4098, 1.6x at 16 x 1024 x 1026;
+    # 0.58-0.87x at 49K+ channels
+    for shape in [(8, 1536, 4098), (16, 1536, 4098), (16, 1024, 1026), (8, 1536, 1026)]:
+        assert ts.segments_pay(*shape, backward=False), shape
     for shape in [(32, 1536, 1026), (16, 3072, 1026), (64, 1536, 258), (64, 1024, 258), (8, 1536, 258),
-                  (16, 1536, 4098), (128, 1536, 4098)]:   # the last: sampling at batch 64 with guidance
+                  (16, 1536, 2050), (128, 1536, 4098)]:   # the last: sampling at batch 64 with guidance
         assert not ts.segments_pay(*shape, backward=False), shape
 
 
@@ -92,7 +96,7 @@ def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, ba
     from wdmctl.scan.triton import segmented
 
     asked = []
-    monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 30)   # the interpreter's sequences are short
+    monkeypatch.setattr(segmented, "SEGMENT_TIERS", ((30, 64),))   # the interpreter's sequences are short
     monkeypatch.setattr(backend, "segments_pay",
                         lambda *shape, backward: asked.append((*shape, backward)) or segmented.segments_pay(
                             *shape, backward=backward))
@@ -108,16 +112,16 @@ def test_interpreter_triton_segments_where_it_pays(interpreter, small_chunks, ba
     assert backward_counts == [3, 3]      # auto and segmented cut their backward, plain and copies did not
     for name, auto, segmented_result, copies, plain in zip(("y", *GRADS), *results.values()):
         assert torch.equal(auto, segmented_result) and torch.equal(copies, plain), name
-    monkeypatch.setattr(segmented, "SEGMENTS_MIN_LENGTH", 34)   # one step longer than the case: plain
+    monkeypatch.setattr(segmented, "SEGMENT_TIERS", ((34, 64),))   # one step longer than the case: plain
     assert torch.equal(reverse_scans_and_gradients({"auto": backend.selective_scan_triton_auto}, x)["auto"][0],
                        results["plain"][0])
     # forward only: the forward rule's length threshold decides, not the training one's
     leaves = {k: v.detach() for k, v in x.items()}
-    monkeypatch.setattr(segmented, "FORWARD_SEGMENTS_MIN_LENGTH", 30)
+    monkeypatch.setattr(segmented, "FORWARD_SEGMENT_TIERS", ((30, 64),))
     with torch.no_grad():
         assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
                            results["segmented"][0])
-    monkeypatch.setattr(segmented, "FORWARD_SEGMENTS_MIN_LENGTH", 34)
+    monkeypatch.setattr(segmented, "FORWARD_SEGMENT_TIERS", ((34, 64),))
     assert torch.equal(backend.selective_scan_triton_auto(**leaves, delta_softplus=True, reverse=True),
                        results["plain"][0])          # no input needs a gradient: forward only as well
     assert asked == [(2, 5, 33, True), (2, 5, 33, False), (2, 5, 33, False)]
@@ -457,14 +461,14 @@ def test_gpu_segmented_backward_matches_oracle(segments, backward_counts, length
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_triton_auto_segments_long_sequences(monkeypatch, backward_counts, dtype):
-    # the `triton` backend's own entry at a shape where segments pay (4100 steps, 192 channels): segmented
-    # (default S), against the fp64 oracle; at 1026 steps the plain kernels
+    # the `triton` backend's own entry, 192 channels, against the fp64 oracle: segmented (default S) at 4100
+    # and 1026 steps (the rule's two tiers), the plain kernels at 1000 (under both)
     monkeypatch.delenv("WDM_TRITON_SCAN_SEGMENTS", raising=False)
-    for length in (4100, 1026):
+    for length in (4100, 1026, 1000):
         x = scan_case(length, batch=2, d=96, n=16, dtype=dtype)
         check(compare_with_oracle(x, "cuda", scan=ts.selective_scan_triton_auto), *tolerances(dtype),
               f"gpu triton auto L={length} {dtype}")
-    assert len(backward_counts) == 1 and backward_counts[0] > 1   # only L = 4100 ran in segments
+    assert len(backward_counts) == 2 and min(backward_counts) > 1   # L = 4100 and 1026 ran in segments
     # forward only at 1026 steps (sampling): in segments, the segmented scan's output bit for bit
     inputs = {k: v.cuda() for k, v in scan_case(1026, batch=2, d=96, n=16, dtype=dtype).items()}
     with torch.no_grad():

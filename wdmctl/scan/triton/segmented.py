@@ -64,26 +64,26 @@ TARGET_THREADS = 128 * 1024
 MIN_SEGMENT_STEPS = 32
 
 
-# When the `triton` backend cuts a scan into segments by itself (segments_pay): few channels in flight and a
-# long sequence. The H200 runs (benchmarks/h200-issue16-scan-model-shapes.json, h200-issue16-scan-segmented-
-# noconv.json; model layout, segmented over plain at the default S), forward+backward: 12,288 channels at
-# L 4098 (WDM-B/2's batch 8 at 4,096 tokens) 2.30x, and 1.78x on the whole graphed training step; 16,384 at
-# L 1026 0.95x; 49K-98K channels at L 258-1026 0.59-0.76x. Forward alone (sampling): 2.27x at 12,288 x 4098,
-# 1.6x at 16,384 x 1026, 0.58-0.87x at 49K-98K channels. Nothing between these has been timed, so each rule
-# takes its measured wins and no more.
-SEGMENTS_MAX_CHANNELS = 16 * 1024   # with a backward: rows x d_inner below this (a pair's rows are 2 x batch)
-SEGMENTS_MIN_LENGTH = 2048
-FORWARD_SEGMENTS_MAX_CHANNELS = 16 * 1024   # forward only: rows x d_inner up to this
-FORWARD_SEGMENTS_MIN_LENGTH = 1024
+# When the `triton` backend cuts a scan into segments by itself (segments_pay): few channels in flight (rows x
+# d_inner; a pair's rows are 2 x batch) and a long sequence. Each rule is a list of (at least this many steps,
+# at most this many channels) tiers, and takes the H200's measured wins and no more (model layout, segmented
+# over plain at the default S; benchmarks/h200-issue16-scan-model-shapes.json, h200-issue16-scan-segmented-
+# noconv.json and h200-issue16-rule/scan-rule-edges.json).
+#  - With a backward (training), forward+backward: at L 4098, 2.30x at 12,288 channels (WDM-B/2's batch 8 at
+#    4,096 tokens; 1.78x on the whole graphed step), 1.69x at 16,384, 1.64x at 18,432, 1.21x at 24,576;
+#    2.18x at 12,288 x 2050 and 1.68x at 12,288 x 1026; losses: 0.95x at 16,384 x 1026 and 0.59-0.76x at 49K-98K
+#    channels and L 258-1026.
+#  - Forward only (sampling, FID): 2.27x at 12,288 x 4098, 1.13-1.73x at 16K-24K x 4098, 1.92-2.16x at
+#    12,288 x 1026-2050, 1.6x at 16,384 x 1026; losses at 49K-98K channels (0.58-0.87x).
+SEGMENT_TIERS = ((4096, 24 * 1024), (1024, 12 * 1024))
+FORWARD_SEGMENT_TIERS = ((4096, 24 * 1024), (1024, 16 * 1024))
 
 
 def segments_pay(rows: int, d: int, length: int, backward: bool = True) -> bool:
-    """Whether the `triton` backend scans (rows, d, length) in segments (the measured wins above): with a
-    backward to follow, fewer than SEGMENTS_MAX_CHANNELS channels and at least SEGMENTS_MIN_LENGTH steps;
-    forward only, at most FORWARD_SEGMENTS_MAX_CHANNELS channels and at least FORWARD_SEGMENTS_MIN_LENGTH."""
-    if backward:
-        return rows * d < SEGMENTS_MAX_CHANNELS and length >= SEGMENTS_MIN_LENGTH
-    return rows * d <= FORWARD_SEGMENTS_MAX_CHANNELS and length >= FORWARD_SEGMENTS_MIN_LENGTH
+    """Whether the `triton` backend scans (rows, d, length) in segments: the measured wins above, in
+    SEGMENT_TIERS with a backward to follow, FORWARD_SEGMENT_TIERS forward only."""
+    tiers = SEGMENT_TIERS if backward else FORWARD_SEGMENT_TIERS
+    return any(length >= min_length and rows * d <= max_channels for min_length, max_channels in tiers)
 
 
 def segment_count(rows: int, d: int, length: int, segments: int | None = None) -> int:
